@@ -1,0 +1,18 @@
+"""tokensieve: a lean inference engine for Llama-family LLMs with per-head paged KV storage."""
+
+from .config import EngineConfig
+from .errors import ModelLoadError, OutOfKVMemoryError, RequestError, TokensieveError
+from .llm import LLM
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "EngineConfig",
+    "SamplingParams",
+    "RequestOutput",
+    "TokensieveError",
+    "ModelLoadError",
+    "RequestError",
+    "OutOfKVMemoryError",
+]

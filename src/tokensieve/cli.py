@@ -1,0 +1,154 @@
+"""Command line: `tokensieve generate | chat | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .errors import TokensieveError
+from .weights.packaged import DEFAULT_MODEL
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="packaged alias, .gguf file or Hugging Face folder")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--stats", action="store_true", help="print token counts and tokens/s")
+
+
+def _sampling_params(args):
+    from .sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+    )
+
+
+def _load(args):
+    import torch
+
+    from .llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return LLM(args.model, dtype=args.dtype, device=args.device)
+
+
+def _stream(llm, prompt, params, show_stats: bool) -> str:
+    """Print the answer as it comes; return its text."""
+    started = time.perf_counter()
+    final = None
+    for out in llm.stream(prompt, params):
+        print(out.delta_text, end="", flush=True)
+        final = out
+    print()
+    if show_stats and final is not None:
+        m = final.metrics
+        prefill_rate = final.num_prompt_tokens / m.time_to_first_token if m.time_to_first_token else 0.0
+        print(
+            f"[{final.num_prompt_tokens} prompt tokens, {final.num_generated_tokens} generated, "
+            f"finish={final.finish_reason}; prefill {prefill_rate:.1f} tok/s, "
+            f"decode {m.decode_tokens_per_second or 0.0:.1f} tok/s, total {time.perf_counter() - started:.2f} s]",
+            file=sys.stderr,
+        )
+    return final.text if final else ""
+
+
+def cmd_generate(args) -> None:
+    llm = _load(args)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    _stream(llm, prompt, _sampling_params(args), args.stats)
+
+
+def cmd_chat(args) -> None:
+    llm = _load(args)
+    params = _sampling_params(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("tokensieve chat: type a message; /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            answer = _stream(llm, history, params, args.stats)
+        except TokensieveError as exc:
+            history.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+def cmd_bench(args) -> None:
+    from .bench.speed import run_speed_benchmark
+
+    run_speed_benchmark(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokensieve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    _add_model_options(gen)
+    _add_sampling_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s beside transformers")
+    _add_model_options(speed)
+    speed.add_argument("--prefill-lengths", type=int, nargs="+", default=[512, 2048])
+    speed.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    speed.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    speed.add_argument("--decode-tokens", type=int, default=32)
+    speed.add_argument("--repeats", type=int, default=2)
+    speed.add_argument("--json", default=None, help="also write the results to this file")
+    speed.set_defaults(func=cmd_bench, threads=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except TokensieveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The inference engine: sequences, KV blocks, scheduling, model runner, sampling."""

@@ -1,0 +1,120 @@
+"""Attention over the paged KV pool for one flat batch.
+
+The model calls `PagedAttention(layer, q, k, v)` once per layer. The new keys and values are
+written to their slots in the pool, then each sequence attends to every entry its (layer, KV head)
+holds. Decoding sequences (one query each) are attended together; each prefill chunk alone.
+Visibility comes from the positions stored with the entries: a query at position p sees the
+entries computed at positions <= p (and > p - window with a sliding window).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .kv_pool import KVPool
+
+
+@dataclass
+class DecodeGroup:
+    """Sequences that process one token each; their tokens are rows 0..batch-1."""
+
+    block_tables: torch.Tensor  # [layers, batch, kv_heads, blocks]
+    lengths: torch.Tensor  # [layers, batch, kv_heads] entries after this step's write
+    query_positions: torch.Tensor  # [batch]
+
+
+@dataclass
+class PrefillChunk:
+    """Consecutive tokens of one sequence, rows start..end of the flat batch."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [layers, kv_heads, blocks]
+    lengths: torch.Tensor  # [layers, kv_heads]
+    query_positions: torch.Tensor  # [tokens]
+    is_first: bool  # nothing was stored before this chunk: plain causal attention over the chunk
+
+
+class PagedAttention:
+    def __init__(
+        self,
+        pool: KVPool,
+        write_slots: torch.Tensor,
+        write_positions: torch.Tensor,
+        decode: DecodeGroup | None,
+        prefills: list[PrefillChunk],
+        sliding_window: int | None = None,
+    ):
+        self.pool = pool
+        self.write_slots = write_slots  # [layers, tokens, kv_heads]
+        self.write_positions = write_positions  # [tokens, kv_heads]
+        self.decode = decode
+        self.prefills = prefills
+        self.sliding_window = sliding_window
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [tokens, heads, dim], k and v [tokens, kv_heads, dim] -> [tokens, heads, dim]."""
+        slots = self.write_slots[layer]
+        head_dim = k.shape[-1]
+        self.pool.keys.view(-1, head_dim)[slots] = k
+        self.pool.values.view(-1, head_dim)[slots] = v
+        self.pool.positions.view(-1)[slots] = self.write_positions
+        if self.decode is not None and not self.prefills:
+            return self._attend_decode(layer, q)
+        out = torch.empty_like(q)
+        if self.decode is not None:
+            batch = self.decode.query_positions.shape[0]
+            out[:batch] = self._attend_decode(layer, q[:batch])
+        for chunk in self.prefills:
+            rows = slice(chunk.start, chunk.end)
+            out[rows] = self._attend_prefill(layer, chunk, q[rows], k[rows], v[rows])
+        return out
+
+    def _gather(self, block_tables: torch.Tensor):
+        """Keys, values [..., entries, dim] and entry positions [..., entries] of the given blocks."""
+        shape = block_tables.shape[:-1] + (-1,)
+        keys = self.pool.keys[block_tables].flatten(-3, -2)
+        values = self.pool.values[block_tables].flatten(-3, -2)
+        return keys, values, self.pool.positions[block_tables].reshape(shape)
+
+    def _visible(self, lengths, entry_positions, query_positions) -> torch.Tensor:
+        """Boolean mask [..., queries, entries]: stored, not in the future, inside the window."""
+        entries = entry_positions.shape[-1]
+        stored = torch.arange(entries, device=lengths.device) < lengths.unsqueeze(-1)
+        query_positions = query_positions.unsqueeze(-1)
+        visible = stored.unsqueeze(-2) & (entry_positions.unsqueeze(-2) <= query_positions)
+        if self.sliding_window is not None:
+            visible &= entry_positions.unsqueeze(-2) > query_positions - self.sliding_window
+        return visible
+
+    def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        group = self.decode
+        batch, num_heads, head_dim = q.shape
+        keys, values, entry_positions = self._gather(group.block_tables[layer])  # [batch, kv_heads, entries, dim]
+        num_kv_heads = keys.shape[1]
+        # the query heads sharing a KV head become the "query" axis of that head: no repeat of keys
+        mask = self._visible(group.lengths[layer], entry_positions, group.query_positions.view(batch, 1, 1))
+        grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask)
+        return out.reshape(batch, num_heads, head_dim)
+
+    def _attend_prefill(self, layer, chunk: PrefillChunk, q, k, v) -> torch.Tensor:
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads = k.shape[1]
+        group_size = num_heads // num_kv_heads
+        if chunk.is_first and self.sliding_window is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+            )
+            return out.transpose(0, 1)
+        keys, values, entry_positions = self._gather(chunk.block_tables[layer])  # [kv_heads, entries, dim]
+        mask = self._visible(chunk.lengths[layer], entry_positions, chunk.query_positions.view(1, num_tokens))
+        # batch = KV heads, heads = the query heads of that group
+        grouped_q = q.view(num_tokens, num_kv_heads, group_size, head_dim).permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(
+            grouped_q, keys.unsqueeze(1), values.unsqueeze(1), attn_mask=mask.unsqueeze(1), enable_gqa=True
+        )
+        return out.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim)

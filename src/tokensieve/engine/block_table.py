@@ -1,0 +1,60 @@
+"""One sequence's KV layout: for every (layer, KV head) its own list of blocks and its own length.
+
+Heads may hold different numbers of entries (a KV policy can keep fewer in one head), so each
+(layer, head) pair owns whole blocks that are freed for real when its entries go.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class BlockTable:
+    def __init__(self, num_layers: int, num_kv_heads: int, block_size: int):
+        self.block_size = block_size
+        self.blocks = np.zeros((num_layers, num_kv_heads, 4), dtype=np.int64)  # grows by doubling
+        self.num_blocks = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
+        self.lengths = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # stored entries
+
+    def blocks_needed(self, num_new: int) -> np.ndarray:
+        """Blocks each (layer, head) must gain to store `num_new` more entries."""
+        required = -(-(self.lengths + num_new) // self.block_size)
+        return np.maximum(required - self.num_blocks, 0)
+
+    def add_blocks(self, needed: np.ndarray, block_ids: list[int]) -> None:
+        """Append `needed[l, h]` of `block_ids` (in order) to each (layer, head)."""
+        layer_idx, head_idx = np.nonzero(needed)
+        counts = needed[layer_idx, head_idx]
+        new_total = self.num_blocks + needed
+        if new_total.max() > self.blocks.shape[2]:
+            capacity = max(int(new_total.max()), 2 * self.blocks.shape[2])
+            grown = np.zeros(self.blocks.shape[:2] + (capacity,), dtype=np.int64)
+            grown[:, :, : self.blocks.shape[2]] = self.blocks
+            self.blocks = grown
+        pair = np.repeat(np.arange(len(counts)), counts)
+        offset_in_pair = np.arange(len(pair)) - np.repeat(np.cumsum(counts) - counts, counts)
+        slot = self.num_blocks[layer_idx, head_idx][pair] + offset_in_pair
+        self.blocks[layer_idx[pair], head_idx[pair], slot] = np.asarray(block_ids, dtype=np.int64)
+        self.num_blocks = new_total
+
+    def append_slots(self, num_new: int) -> np.ndarray:
+        """Claim the next `num_new` entries of every (layer, head); returns their flat slots [layers, num_new, heads]."""
+        entry = self.lengths[:, :, None] + np.arange(num_new)
+        block = np.take_along_axis(self.blocks, entry // self.block_size, axis=2)
+        self.lengths += num_new
+        return (block * self.block_size + entry % self.block_size).transpose(0, 2, 1)
+
+    def all_block_ids(self) -> list[int]:
+        keep = np.arange(self.blocks.shape[2]) < self.num_blocks[:, :, None]
+        return self.blocks[keep].tolist()
+
+    def clear(self) -> None:
+        self.num_blocks[:] = 0
+        self.lengths[:] = 0
+
+    def padded_blocks(self, width: int) -> np.ndarray:
+        """Block ids [layers, heads, width], padded with block 0 (masked out by the lengths)."""
+        out = np.zeros(self.blocks.shape[:2] + (width,), dtype=np.int64)
+        used = min(width, self.blocks.shape[2])
+        out[:, :, :used] = self.blocks[:, :, :used]
+        return out

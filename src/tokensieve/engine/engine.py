@@ -1,0 +1,175 @@
+"""The engine loop: admit requests, schedule a step, run the model, sample, stop, report."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+
+import torch
+
+from ..config import EngineConfig
+from ..errors import RequestError
+from ..outputs import RequestMetrics, RequestOutput
+from ..sampling_params import SamplingParams
+from ..weights import load_model, load_tokenizer
+from .block_manager import BlockManager
+from .kv_pool import KVPool
+from .output_text import OutputText
+from .runner import ModelRunner
+from .sampler import sample_tokens
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class LLMEngine:
+    def __init__(self, model: str, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        self.device = torch.device(config.device)
+        self.model = load_model(model, config.torch_dtype, config.device)
+        self.tokenizer = load_tokenizer(model)
+        model_cfg = self.model.config
+        self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
+        num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, config.torch_dtype)
+        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size)
+        self.runner = ModelRunner(self.model, self.pool)
+        self.eos_token_ids = set(model_cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._sequences: dict[str, Sequence] = {}
+        self._texts: dict[str, OutputText] = {}
+        self._arrivals = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        want_prompt_logits: bool = False,
+    ) -> str:
+        """Queue a request; raises RequestError (and changes nothing) if it cannot be served."""
+        self._validate(prompt_token_ids, params, want_prompt_logits)
+        request_id = request_id or f"req-{secrets.token_hex(6)}"
+        if request_id in self._sequences:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seq = Sequence(
+            request_id, list(prompt_token_ids), params, next(self._arrivals),
+            generator=torch.Generator(self.device).manual_seed(seed),
+            want_prompt_logits=want_prompt_logits,
+        )
+        self._sequences[request_id] = seq
+        self._texts[request_id] = OutputText(self.tokenizer, seq.prompt_token_ids, params.stop)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams, want_prompt_logits: bool) -> None:
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if len(prompt_token_ids) == 0:
+            raise RequestError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        limit = self.max_model_len if want_prompt_logits else self.max_model_len - 1
+        if len(prompt_token_ids) > limit:
+            raise RequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens but the context window is {self.max_model_len} "
+                f"tokens{'' if want_prompt_logits else ' (and at least one must be left to generate)'}"
+            )
+        entries = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+        blocks = -(-entries // self.config.block_size) * self.model.config.num_layers * self.model.config.num_kv_heads
+        if blocks > self.block_manager.num_blocks:
+            raise RequestError(
+                f"the request may need {blocks} KV blocks ({entries} tokens) but the pool has "
+                f"{self.block_manager.num_blocks}; raise kv_cache_bytes or lower max_tokens"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; unknown or finished ids are ignored."""
+        seq = self._sequences.pop(request_id, None)
+        self._texts.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+            seq.finish("abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def prompt_logits(self, request_id: str) -> torch.Tensor:
+        """All prompt-position logits [prompt tokens, vocab] of a finished want_prompt_logits request."""
+        seq = self._sequences[request_id]
+        return torch.cat(seq.prompt_logits)[: seq.num_prompt_tokens]
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request (its outputs have been read)."""
+        self._sequences.pop(request_id, None)
+        self._texts.pop(request_id, None)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward; return an output for every request that gained a token or finished."""
+        schedule = self.scheduler.schedule()
+        if not schedule.chunks:
+            return []
+        logits, chunk_rows = self.runner.run(schedule.chunks)
+        sampled_seqs, sampled_rows = [], []
+        for chunk, rows in chunk_rows:
+            seq = chunk.seq
+            completes = chunk.completes_sequence
+            if seq.want_prompt_logits:
+                seq.prompt_logits.append(logits[rows])
+            seq.num_processed += chunk.num_tokens
+            if completes:
+                sampled_seqs.append(seq)
+                sampled_rows.append(rows.stop - 1)
+        if not sampled_seqs:
+            return []
+        tokens = sample_tokens(logits[sampled_rows], sampled_seqs)
+        return [self._accept_token(seq, token) for seq, token in zip(sampled_seqs, tokens)]
+
+    def _accept_token(self, seq: Sequence, token: int) -> RequestOutput:
+        seq.append_token(token)
+        text = self._texts[seq.request_id]
+        params = seq.params
+        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            seq.finish("stop")
+        elif text.update(seq.token_ids):
+            seq.finish("stop")
+        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            seq.finish("length")
+        if seq.is_finished:
+            self.scheduler.remove(seq)
+        return self._output(seq, text)
+
+    def _output(self, seq: Sequence, text: OutputText) -> RequestOutput:
+        now = seq.finish_time or time.perf_counter()
+        ttft = seq.first_token_time - seq.arrival_time if seq.first_token_time else None
+        decode_time = now - seq.first_token_time if seq.first_token_time else 0.0
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            text=text.text,
+            delta_text=text.take_delta(seq.is_finished),
+            token_ids=list(seq.output_token_ids),
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            metrics=RequestMetrics(
+                time_to_first_token=ttft,
+                total_time=now - seq.arrival_time,
+                decode_tokens_per_second=(seq.num_output_tokens - 1) / decode_time if decode_time > 0 else None,
+            ),
+        )
+
+    # ---- memory -------------------------------------------------------------------------
+    def kv_memory(self) -> dict[str, int]:
+        """Exact KV accounting in bytes: pool capacity, blocks handed out, entries stored."""
+        return {
+            "capacity_bytes": self.pool.bytes_capacity,
+            "allocated_bytes": self.block_manager.num_used_blocks * self.pool.bytes_per_block,
+            "in_use_bytes": self.block_manager.num_stored_entries * self.pool.bytes_per_entry,
+        }

@@ -1,0 +1,43 @@
+"""The tensors behind the KV blocks: keys, values and the position each entry was computed at."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros whose CPU pages are only committed when first written (calloc), so an idle pool costs no RAM."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(shape + (itemsize,), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
+
+
+class KVPool:
+    """Storage of `num_blocks` blocks, each `block_size` entries of one (layer, KV head)."""
+
+    def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
+        self.keys = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
+        self.values = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
+        self.positions = _lazy_zeros((num_blocks, block_size), torch.int64, device)
+
+    @property
+    def bytes_per_entry(self) -> int:
+        """Key + value bytes of one stored token in one (layer, KV head)."""
+        return 2 * self.head_dim * self.keys.element_size()
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_entry
+
+    @property
+    def bytes_capacity(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @staticmethod
+    def blocks_for_bytes(budget_bytes: int, block_size: int, head_dim: int, dtype: torch.dtype) -> int:
+        entry = 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+        return max(1, budget_bytes // (block_size * entry))

@@ -1,0 +1,115 @@
+"""Continuous batching: which sequences run in the next forward, and how many tokens each. Plain Python.
+
+Each step first gives every decoding sequence its one token, then fills the token budget with
+prefill chunks (oldest first), then admits waiting sequences while blocks and budget allow.
+When the pool cannot hold what an older sequence needs, the newest running sequence is
+preempted: its blocks are freed and it is recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when the chunk reaches the last known token, so its logits give the next token."""
+        return self.seq.num_processed + self.num_tokens == len(self.seq.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int, prefill_chunk_size: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_batched_tokens = max_batched_tokens
+        self.prefill_chunk_size = prefill_chunk_size
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # kept in arrival order
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Forget a finished or aborted sequence and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.block_table is not None:
+            self.block_manager.drop(seq.block_table)
+            seq.block_table = None
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_batched_tokens
+        decoding = [s for s in self.running if s.num_unprocessed == 1]
+        prefilling = [s for s in self.running if s.num_unprocessed > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
+                continue
+            num_tokens = min(seq.num_unprocessed, budget, self.prefill_chunk_size)
+            if not self._make_room(seq, num_tokens, out):
+                continue
+            self.block_manager.reserve(seq.block_table, num_tokens)
+            out.chunks.append(ScheduledChunk(seq, num_tokens))
+            budget -= num_tokens
+        if not out.preempted:
+            self._admit_waiting(budget, out)
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go."""
+        while not self.block_manager.can_append(seq.block_table, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, victim: Sequence, out: SchedulerOutput) -> None:
+        for chunk in [c for c in out.chunks if c.seq is victim]:
+            out.chunks.remove(chunk)
+        self.running.remove(victim)
+        self.block_manager.release(victim.block_table)
+        victim.num_processed = 0
+        victim.prompt_logits.clear()
+        victim.num_preemptions += 1
+        victim.status = SequenceStatus.WAITING
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.block_table is None:
+                seq.block_table = self.block_manager.new_table()
+            num_tokens = min(seq.num_unprocessed, budget, self.prefill_chunk_size)
+            if not self.block_manager.can_append(seq.block_table, num_tokens):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self.running.sort(key=lambda s: s.arrival_order)
+            self.block_manager.reserve(seq.block_table, num_tokens)
+            out.chunks.append(ScheduledChunk(seq, num_tokens))
+            budget -= num_tokens

@@ -1,0 +1,17 @@
+"""Errors a user can act on. Each message names the problem and, where possible, the fix."""
+
+
+class TokensieveError(Exception):
+    """Base class of every error tokensieve raises on purpose."""
+
+
+class ModelLoadError(TokensieveError):
+    """The model could not be found or read."""
+
+
+class RequestError(TokensieveError, ValueError):
+    """A request is invalid (empty prompt, too long, bad sampling values); the engine is unaffected."""
+
+
+class OutOfKVMemoryError(TokensieveError):
+    """A single request needs more KV blocks than the whole pool holds."""

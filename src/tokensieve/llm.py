@@ -1,0 +1,92 @@
+"""The Python entry point: `LLM(model=...).generate(prompts, SamplingParams(...))` and `.stream(...)`."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence as SequenceType
+
+import torch
+
+from .config import EngineConfig
+from .engine.engine import LLMEngine
+from .errors import RequestError
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .weights.packaged import DEFAULT_MODEL
+
+# A prompt is text, a chat (list of {"role", "content"} messages) or {"prompt_token_ids": [...]}.
+Prompt = Any
+
+
+class LLM:
+    def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", **engine_options):
+        self.engine = LLMEngine(model, EngineConfig(dtype=dtype, device=device, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; chats go through the model's chat template."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+            if not prompt:
+                raise RequestError("the chat has no messages")
+            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        raise RequestError(
+            f"a prompt must be a string, a chat (list of role/content messages) or {{'prompt_token_ids': [...]}}, "
+            f"got {type(prompt).__name__}"
+        )
+
+    @staticmethod
+    def _as_batch(prompts) -> list[Prompt]:
+        single = isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and all(isinstance(m, dict) and "role" in m for m in prompts)
+        )
+        return [prompts] if single else list(prompts)
+
+    def generate(
+        self, prompts: Prompt | SequenceType[Prompt], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs come back in the prompts' order."""
+        batch = self._as_batch(prompts)
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
+        if len(params_list) != len(batch):
+            raise RequestError(f"{len(batch)} prompts but {len(params_list)} SamplingParams")
+        encoded = [self.encode(p) for p in batch]
+        request_ids: list[str] = []
+        try:
+            for token_ids, p in zip(encoded, params_list):
+                request_ids.append(self.engine.add_request(token_ids, p))
+            finals: dict[str, RequestOutput] = {}
+            while len(finals) < len(request_ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        finals[out.request_id] = out
+            return [finals[r] for r in request_ids]
+        finally:
+            for request_id in request_ids:
+                self.engine.abort(request_id)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield an output (with its `delta_text`) each time the request gains text, until it finishes."""
+        request_id = self.engine.add_request(self.encode(prompt), params or SamplingParams())
+        try:
+            finished = False
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        finished = out.finished
+                        yield out
+        finally:
+            self.engine.abort(request_id)
+
+    def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
+        """Logits [tokens, vocab] at every prompt position (for perplexity and reference checks)."""
+        request_id = self.engine.add_request(self.encode(prompt), SamplingParams(max_tokens=1, temperature=0), want_prompt_logits=True)
+        try:
+            while self.engine.has_unfinished():
+                self.engine.step()
+            return self.engine.prompt_logits(request_id)
+        finally:
+            self.engine.abort(request_id)
