@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     speed.add_argument("--decode-tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=2)
+    speed.add_argument("--kv-cache-bytes", type=int, default=4 * 1024**3)
     speed.add_argument("--json", default=None, help="also write the results to this file")
     speed.set_defaults(func=cmd_bench, threads=2)
     return parser

@@ -24,6 +24,7 @@ class DecodeGroup:
     block_tables: torch.Tensor  # [layers, batch, kv_heads, blocks]
     lengths: torch.Tensor  # [layers, batch, kv_heads] entries after this step's write
     query_positions: torch.Tensor  # [batch]
+    layers_aligned: bool  # every layer holds the same entries at the same places: one mask serves all
 
 
 @dataclass
@@ -50,10 +51,14 @@ class PagedAttention:
     ):
         self.pool = pool
         self.write_slots = write_slots  # [layers, tokens, kv_heads]
-        self.write_positions = write_positions  # [tokens, kv_heads]
         self.decode = decode
         self.prefills = prefills
         self.sliding_window = sliding_window
+        # positions are the same in every layer: store them for all layers at once
+        pool.positions.view(-1)[write_slots] = write_positions.expand_as(write_slots)
+        self._shared_decode_mask = None
+        if decode is not None and decode.layers_aligned:
+            self._shared_decode_mask = self._decode_mask(0)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [tokens, heads, dim], k and v [tokens, kv_heads, dim] -> [tokens, heads, dim]."""
@@ -61,7 +66,6 @@ class PagedAttention:
         head_dim = k.shape[-1]
         self.pool.keys.view(-1, head_dim)[slots] = k
         self.pool.values.view(-1, head_dim)[slots] = v
-        self.pool.positions.view(-1)[slots] = self.write_positions
         if self.decode is not None and not self.prefills:
             return self._attend_decode(layer, q)
         out = torch.empty_like(q)
@@ -73,12 +77,12 @@ class PagedAttention:
             out[rows] = self._attend_prefill(layer, chunk, q[rows], k[rows], v[rows])
         return out
 
-    def _gather(self, block_tables: torch.Tensor):
-        """Keys, values [..., entries, dim] and entry positions [..., entries] of the given blocks."""
-        shape = block_tables.shape[:-1] + (-1,)
-        keys = self.pool.keys[block_tables].flatten(-3, -2)
-        values = self.pool.values[block_tables].flatten(-3, -2)
-        return keys, values, self.pool.positions[block_tables].reshape(shape)
+    def _gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [..., entries, dim] of the given blocks."""
+        return self.pool.keys[block_tables].flatten(-3, -2), self.pool.values[block_tables].flatten(-3, -2)
+
+    def _entry_positions(self, block_tables: torch.Tensor) -> torch.Tensor:
+        return self.pool.positions[block_tables].flatten(-2)
 
     def _visible(self, lengths, entry_positions, query_positions) -> torch.Tensor:
         """Boolean mask [..., queries, entries]: stored, not in the future, inside the window."""
@@ -90,13 +94,24 @@ class PagedAttention:
             visible &= entry_positions.unsqueeze(-2) > query_positions - self.sliding_window
         return visible
 
+    def _decode_mask(self, layer: int) -> torch.Tensor:
+        """[batch, kv_heads, 1, entries]: which gathered entries each decoding sequence sees."""
+        group = self.decode
+        lengths = group.lengths[layer]
+        if self.sliding_window is None:  # every stored entry precedes the query
+            entries = group.block_tables.shape[-1] * self.pool.block_size
+            stored = torch.arange(entries, device=lengths.device) < lengths.unsqueeze(-1)
+            return stored.unsqueeze(-2)
+        entry_positions = self._entry_positions(group.block_tables[layer])
+        return self._visible(lengths, entry_positions, group.query_positions.view(-1, 1, 1))
+
     def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         group = self.decode
         batch, num_heads, head_dim = q.shape
-        keys, values, entry_positions = self._gather(group.block_tables[layer])  # [batch, kv_heads, entries, dim]
+        keys, values = self._gather(group.block_tables[layer])  # [batch, kv_heads, entries, dim]
         num_kv_heads = keys.shape[1]
+        mask = self._shared_decode_mask if self._shared_decode_mask is not None else self._decode_mask(layer)
         # the query heads sharing a KV head become the "query" axis of that head: no repeat of keys
-        mask = self._visible(group.lengths[layer], entry_positions, group.query_positions.view(batch, 1, 1))
         grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask)
         return out.reshape(batch, num_heads, head_dim)
@@ -105,16 +120,18 @@ class PagedAttention:
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
         group_size = num_heads // num_kv_heads
-        if chunk.is_first and self.sliding_window is None:
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
-            )
-            return out.transpose(0, 1)
-        keys, values, entry_positions = self._gather(chunk.block_tables[layer])  # [kv_heads, entries, dim]
-        mask = self._visible(chunk.lengths[layer], entry_positions, chunk.query_positions.view(1, num_tokens))
-        # batch = KV heads, heads = the query heads of that group
+        # batch = KV heads, heads = the query heads of that group (4-D inputs take the fast CPU kernel)
         grouped_q = q.view(num_tokens, num_kv_heads, group_size, head_dim).permute(1, 2, 0, 3)
+        if chunk.is_first and self.sliding_window is None:
+            keys, values = k.transpose(0, 1), v.transpose(0, 1)
+            mask, causal = None, True
+        else:
+            keys, values = self._gather(chunk.block_tables[layer])  # [kv_heads, entries, dim]
+            entry_positions = self._entry_positions(chunk.block_tables[layer])
+            mask = self._visible(chunk.lengths[layer], entry_positions, chunk.query_positions.view(1, num_tokens))
+            mask, causal = mask.unsqueeze(1), False
+        shape = (num_kv_heads, group_size) + keys.shape[1:]
         out = F.scaled_dot_product_attention(
-            grouped_q, keys.unsqueeze(1), values.unsqueeze(1), attn_mask=mask.unsqueeze(1), enable_gqa=True
+            grouped_q, keys.unsqueeze(1).expand(shape), values.unsqueeze(1).expand(shape), attn_mask=mask, is_causal=causal
         )
         return out.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim)

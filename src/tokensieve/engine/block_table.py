@@ -44,6 +44,10 @@ class BlockTable:
         self.lengths += num_new
         return (block * self.block_size + entry % self.block_size).transpose(0, 2, 1)
 
+    def layers_aligned(self) -> bool:
+        """True while every (layer, head) holds the same number of entries (nothing evicted unevenly)."""
+        return bool((self.lengths == self.lengths.flat[0]).all())
+
     def all_block_ids(self) -> list[int]:
         keep = np.arange(self.blocks.shape[2]) < self.num_blocks[:, :, None]
         return self.blocks[keep].tolist()

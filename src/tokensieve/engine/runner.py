@@ -56,11 +56,10 @@ class ModelRunner:
             start += n
         position_array = np.concatenate(positions)
         decode = self._decode_group(decode_seqs, position_array[: len(decode_seqs)]) if decode_seqs else None
-        num_kv_heads = write_slots[0].shape[2]
         attention = PagedAttention(
             self.pool,
             write_slots=self._tensor(np.concatenate(write_slots, axis=1)),
-            write_positions=self._tensor(np.repeat(position_array[:, None], num_kv_heads, axis=1)),
+            write_positions=self._tensor(position_array[:, None]),
             decode=decode,
             prefills=prefills,
             sliding_window=self.model.config.sliding_window,
@@ -77,4 +76,5 @@ class ModelRunner:
         width = max(int(s.block_table.num_blocks.max()) for s in seqs)
         tables = np.stack([s.block_table.padded_blocks(width) for s in seqs], axis=1)  # [layers, batch, heads, blocks]
         lengths = np.stack([s.block_table.lengths for s in seqs], axis=1)
-        return DecodeGroup(self._tensor(tables), self._tensor(lengths), self._tensor(query_positions))
+        aligned = all(s.block_table.layers_aligned() for s in seqs)
+        return DecodeGroup(self._tensor(tables), self._tensor(lengths), self._tensor(query_positions), aligned)

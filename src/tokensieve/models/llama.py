@@ -4,6 +4,8 @@ Pre-norm decoder: x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). Attention
 grouped-query heads; Qwen2 adds a bias to q/k/v, Qwen3 an RMSNorm on each q and k head.
 The model never sees the KV cache: each layer hands its new q, k, v to `attention(layer, q, k, v)`,
 which stores k and v and returns the attention output (see engine/attention.py).
+q/k/v and gate/up are fused into single matrices, and each residual add is fused into the
+output projection (addmm): on a CPU, decoding one token is dominated by per-op overhead.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, apply_rotary
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -27,8 +29,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # normalise in float32, scale in the model dtype (as the reference implementation does)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """residual + linear(x) as one fused op (the projections that end a block have no bias)."""
+    return torch.addmm(residual, x, linear.weight.t())
 
 
 class Attention(nn.Module):
@@ -37,23 +46,23 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qk_size = q_size + kv_size
         self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, rotary: RotaryEmbedding, positions, attention: AttentionFn) -> torch.Tensor:
+    def forward(self, x, cos, sin, attention: AttentionFn) -> torch.Tensor:
+        """Attention output [tokens, heads * head_dim], before the output projection."""
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, : self.qk_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.qk_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, positions), rotary(k, positions)
-        out = attention(self.layer_index, q, k, v)
-        return self.o_proj(out.reshape(num_tokens, -1))
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        return attention(self.layer_index, q, k, v).reshape(num_tokens, -1)
 
 
 class SwiGLU(nn.Module):
@@ -62,9 +71,10 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up, before the down projection."""
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -75,9 +85,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, rotary, positions, attention):
-        x = x + self.self_attn(self.input_layernorm(x), rotary, positions, attention)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, attention):
+        x = add_linear(x, self.self_attn(self.input_layernorm(x), cos, sin, attention), self.self_attn.o_proj)
+        return add_linear(x, self.mlp.hidden(self.post_attention_layernorm(x)), self.mlp.down_proj)
 
 
 class LlamaModel(nn.Module):
@@ -104,8 +114,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """token_ids, positions: [tokens]. Returns float32 logits [len(logits_rows), vocab] (all rows if None)."""
         x = self.embed_tokens(token_ids)
+        cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, self.rotary, positions, attention)
+            x = layer(x, cos, sin, attention)
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,1 @@
+"""Benchmarks that measure tokensieve beside a baseline in the same run."""
