@@ -22,6 +22,16 @@ class LLM:
         self.engine = LLMEngine(model, EngineConfig(dtype=dtype, device=device, **engine_options))
         self.tokenizer = self.engine.tokenizer
 
+    def with_options(self, **engine_options) -> "LLM":
+        """A new LLM with other engine settings (pool size, chunking...) sharing these weights."""
+        if {"dtype", "device"} & engine_options.keys():
+            raise ValueError("with_options shares the loaded weights: load the model again to change dtype or device")
+        other = object.__new__(LLM)
+        config = EngineConfig(**{**vars(self.engine.config), **engine_options})
+        other.engine = LLMEngine(self.engine.model, config, self.tokenizer)
+        other.tokenizer = self.tokenizer
+        return other
+
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt; chats go through the model's chat template."""
         if isinstance(prompt, str):

@@ -10,6 +10,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import RequestError
+from ..models.llama import LlamaModel
 from ..outputs import RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..weights import load_model, load_tokenizer
@@ -23,11 +24,16 @@ from .sequence import Sequence
 
 
 class LLMEngine:
-    def __init__(self, model: str, config: EngineConfig | None = None):
+    def __init__(self, model: str | LlamaModel, config: EngineConfig | None = None, tokenizer=None):
+        """`model` is an alias, path, or an already loaded LlamaModel (then pass its tokenizer too)."""
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
-        self.model = load_model(model, config.torch_dtype, config.device)
-        self.tokenizer = load_tokenizer(model)
+        if isinstance(model, LlamaModel):
+            self.model = model.to(device=self.device, dtype=config.torch_dtype)
+            self.tokenizer = tokenizer
+        else:
+            self.model = load_model(model, config.torch_dtype, config.device)
+            self.tokenizer = load_tokenizer(model)
         model_cfg = self.model.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, config.torch_dtype)

@@ -40,6 +40,7 @@ class Scheduler:
         self.prefill_chunk_size = prefill_chunk_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # kept in arrival order
+        self.num_preemptions = 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -94,6 +95,7 @@ class Scheduler:
         victim.num_processed = 0
         victim.prompt_logits.clear()
         victim.num_preemptions += 1
+        self.num_preemptions += 1
         victim.status = SequenceStatus.WAITING
         self.waiting.appendleft(victim)
         out.preempted.append(victim)

