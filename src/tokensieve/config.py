@@ -19,6 +19,7 @@ class EngineConfig:
     max_batched_tokens: int = 1024  # tokens in one forward
     prefill_chunk_size: int = 512  # most prompt tokens of one sequence in one forward
     max_model_len: int | None = None  # context window; default: the model's
+    native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -29,6 +30,10 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         torch.device(self.device)  # raises on a malformed device string
+
+    @property
+    def wants_native_kernels(self) -> bool:
+        return self.native_kernels and self.dtype == "float32" and torch.device(self.device).type == "cpu"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -24,8 +24,10 @@ class LLM:
 
     def with_options(self, **engine_options) -> "LLM":
         """A new LLM with other engine settings (pool size, chunking...) sharing these weights."""
-        if {"dtype", "device"} & engine_options.keys():
-            raise ValueError("with_options shares the loaded weights: load the model again to change dtype or device")
+        if {"dtype", "device", "native_kernels"} & engine_options.keys():
+            raise ValueError(
+                "with_options shares the loaded weights: load the model again to change dtype, device or native_kernels"
+            )
         other = object.__new__(LLM)
         config = EngineConfig(**{**vars(self.engine.config), **engine_options})
         other.engine = LLMEngine(self.engine.model, config, self.tokenizer)

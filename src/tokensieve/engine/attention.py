@@ -48,16 +48,21 @@ class PagedAttention:
         decode: DecodeGroup | None,
         prefills: list[PrefillChunk],
         sliding_window: int | None = None,
+        scratch: dict[str, torch.Tensor] | None = None,
+        kernels=None,
     ):
         self.pool = pool
         self.write_slots = write_slots  # [layers, tokens, kv_heads]
         self.decode = decode
         self.prefills = prefills
         self.sliding_window = sliding_window
+        self.scratch = {} if scratch is None else scratch  # gather buffers, reused across layers and steps
+        # native kernels read the decode cache in place; with a sliding window, masks need positions
+        self.kernels = kernels if sliding_window is None else None
         # positions are the same in every layer: store them for all layers at once
         pool.positions.view(-1)[write_slots] = write_positions.expand_as(write_slots)
         self._shared_decode_mask = None
-        if decode is not None and decode.layers_aligned:
+        if decode is not None and decode.layers_aligned and self.kernels is None:
             self._shared_decode_mask = self._decode_mask(0)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -78,8 +83,24 @@ class PagedAttention:
         return out
 
     def _gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [..., entries, dim] of the given blocks."""
-        return self.pool.keys[block_tables].flatten(-3, -2), self.pool.values[block_tables].flatten(-3, -2)
+        """Keys and values [..., entries, dim] of the given blocks, copied into reused buffers
+        (a fresh multi-megabyte tensor per layer costs more in page faults than the copy itself)."""
+        ids = block_tables.flatten()
+        block_shape = self.pool.keys.shape[1:]
+        shape = block_tables.shape[:-1] + (-1, block_shape[-1])
+        return tuple(
+            torch.index_select(source, 0, ids, out=self._buffer(name, (len(ids),) + block_shape)).view(shape)
+            for name, source in (("keys", self.pool.keys), ("values", self.pool.values))
+        )
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        buffer = self.scratch.get(name)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.scratch[name] = torch.empty(numel, dtype=self.pool.keys.dtype, device=self.pool.keys.device)
+        return buffer[:numel].view(shape)
 
     def _entry_positions(self, block_tables: torch.Tensor) -> torch.Tensor:
         return self.pool.positions[block_tables].flatten(-2)
@@ -108,6 +129,8 @@ class PagedAttention:
     def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         group = self.decode
         batch, num_heads, head_dim = q.shape
+        if self.kernels is not None:
+            return self._attend_decode_in_place(layer, q)
         keys, values = self._gather(group.block_tables[layer])  # [batch, kv_heads, entries, dim]
         num_kv_heads = keys.shape[1]
         mask = self._shared_decode_mask if self._shared_decode_mask is not None else self._decode_mask(layer)
@@ -115,6 +138,15 @@ class PagedAttention:
         grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask)
         return out.reshape(batch, num_heads, head_dim)
+
+    def _attend_decode_in_place(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        batch, num_heads, head_dim = q.shape
+        tables, lengths = self.decode.block_tables[layer], self.decode.lengths[layer]
+        grouped_q = q.reshape(batch, tables.shape[1], -1, head_dim).contiguous()
+        scores = self.kernels.paged_scores(grouped_q, self.pool.keys, tables, lengths, head_dim**-0.5)
+        probs = torch.softmax(scores, dim=-1)
+        out = self.kernels.paged_weighted_values(probs, self.pool.values, tables, lengths)
+        return out.view(batch, num_heads, head_dim)
 
     def _attend_prefill(self, layer, chunk: PrefillChunk, q, k, v) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape

@@ -10,6 +10,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import RequestError
+from ..kernels import native_kernels
 from ..models.llama import LlamaModel
 from ..outputs import RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
@@ -28,11 +29,12 @@ class LLMEngine:
         """`model` is an alias, path, or an already loaded LlamaModel (then pass its tokenizer too)."""
         self.config = config = config or EngineConfig()
         self.device = torch.device(config.device)
+        self.kernels = native_kernels() if config.wants_native_kernels else None
         if isinstance(model, LlamaModel):
             self.model = model.to(device=self.device, dtype=config.torch_dtype)
             self.tokenizer = tokenizer
         else:
-            self.model = load_model(model, config.torch_dtype, config.device)
+            self.model = load_model(model, config.torch_dtype, config.device, self.kernels)
             self.tokenizer = load_tokenizer(model)
         model_cfg = self.model.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
@@ -40,7 +42,7 @@ class LLMEngine:
         self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, self.kernels)
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

@@ -12,10 +12,12 @@ from .scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool):
+    def __init__(self, model: LlamaModel, pool: KVPool, kernels=None):
         self.model = model
         self.pool = pool
+        self.kernels = kernels
         self.device = pool.keys.device
+        self.scratch: dict[str, torch.Tensor] = {}  # attention's gather buffers, kept between steps
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
@@ -63,6 +65,8 @@ class ModelRunner:
             decode=decode,
             prefills=prefills,
             sliding_window=self.model.config.sliding_window,
+            scratch=self.scratch,
+            kernels=self.kernels,
         )
         logits = self.model(
             torch.tensor(token_ids, device=self.device),

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .quantized import MAX_KERNEL_ROWS, QuantizedWeight
 from .rope import RotaryEmbedding, apply_rotary
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -35,8 +36,27 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def add_linear(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """residual + linear(x) as one fused op (the projections that end a block have no bias)."""
+class Linear(nn.Linear):
+    """nn.Linear that, given its weights' GGUF blocks and a kernel, uses them for a few rows at a time."""
+
+    quantized: QuantizedWeight | None = None
+    kernel = None  # the native quantized_matmul, set by the loader
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        return self.kernel is not None and x.shape[0] <= MAX_KERNEL_ROWS and x.dtype == torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_kernel(x):
+            return F.linear(x, self.weight, self.bias)
+        q = self.quantized
+        out = self.kernel(x, q.blocks, q.scales, q.mins, q.kind)
+        return out if self.bias is None else out + self.bias
+
+
+def add_linear(residual: torch.Tensor, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+    """residual + linear(x); as one fused op on the dense path (block-ending projections have no bias)."""
+    if linear.uses_kernel(x):
+        return residual + linear(x)
     return torch.addmm(residual, x, linear.weight.t())
 
 
@@ -47,8 +67,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qk_size = q_size + kv_size
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -68,8 +88,8 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, before the down projection."""
@@ -99,7 +119,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)

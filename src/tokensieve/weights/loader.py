@@ -11,6 +11,7 @@ import torch
 from ..errors import ModelLoadError
 from ..models.config import ModelConfig
 from ..models.llama import LlamaModel
+from ..models.quantized import QuantizedWeight
 from .gguf_file import read_gguf
 from .hf_folder import read_hf_folder
 from .packaged import PACKAGED_MODELS, packaged_model_path
@@ -50,12 +51,37 @@ def _engine_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> d
     return state
 
 
-def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LlamaModel:
+def _fused_quantized(cfg: ModelConfig, quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """The GGUF blocks under our module names (q/k/v and gate/up stacked), where every part has blocks."""
+    fused: dict[str, QuantizedWeight] = {}
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}"
+        groups = {
+            f"layers.{i}.self_attn.qkv_proj": [f"{prefix}.self_attn.{n}_proj.weight" for n in "qkv"],
+            f"layers.{i}.self_attn.o_proj": [f"{prefix}.self_attn.o_proj.weight"],
+            f"layers.{i}.mlp.gate_up_proj": [f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"],
+            f"layers.{i}.mlp.down_proj": [f"{prefix}.mlp.down_proj.weight"],
+        }
+        for module_name, parts in groups.items():
+            if all(p in quantized for p in parts):
+                weight = QuantizedWeight.concat([quantized[p] for p in parts])
+                if weight is not None:
+                    fused[module_name] = weight
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    if head in quantized:
+        fused["lm_head"] = quantized[head]
+    return fused
+
+
+def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", kernels=None) -> LlamaModel:
+    """Load the weights. Given the native `kernels`, linears whose GGUF blocks are Q4_0/Q4_1/Q8_0
+    also keep those blocks and multiply them natively when few rows are processed (float32, CPU)."""
     path = resolve_model_path(model)
+    quantized: dict[str, QuantizedWeight] = {}
     if path.is_dir():
         cfg, hf_state = read_hf_folder(path)
     elif path.suffix == ".gguf":
-        cfg, hf_state = read_gguf(path)
+        cfg, hf_state, quantized = read_gguf(path)
     else:
         raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
     state = _engine_state_dict(cfg, hf_state)
@@ -67,7 +93,12 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
         raise ModelLoadError(f"{path}: weights do not match the architecture (missing {missing}, unexpected {unexpected})")
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight
-    return net.to(device=device, dtype=dtype).eval()
+    net = net.to(device=device, dtype=dtype).eval()
+    if kernels is not None:
+        for module_name, weight in _fused_quantized(cfg, quantized).items():
+            linear = net.get_submodule(module_name)
+            linear.quantized, linear.kernel = weight, kernels.quantized_matmul
+    return net
 
 
 def _tokenizer_cache_dir(gguf_path: Path) -> Path:

@@ -1,0 +1,38 @@
+"""Native kernels, compiled on first use for the machine they run on (cached afterwards)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("TOKENSIEVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokensieve"
+    path = Path(root) / "kernels"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@functools.cache
+def native_kernels():
+    """The compiled extension (quantized_matmul, paged_scores, paged_weighted_values), or None where
+    it cannot be built; TOKENSIEVE_NO_KERNELS=1 turns it off."""
+    if os.environ.get("TOKENSIEVE_NO_KERNELS"):
+        return None
+    here = Path(__file__).parent
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name="tokensieve_kernels",
+            sources=[str(here / name) for name in ("bindings.cpp", "qmatmul.cpp", "paged_attention.cpp")],
+            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(_build_dir()),
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back to plain PyTorch
+        warnings.warn(f"tokensieve: native kernels unavailable, using plain PyTorch ({exc})", stacklevel=2)
+        return None

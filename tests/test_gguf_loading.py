@@ -1,0 +1,121 @@
+"""GGUF files written here, in several tensor types, load into the same model transformers builds."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokensieve.kernels import native_kernels
+from tokensieve.weights import load_model
+
+# tensor (HF name suffix) -> GGUF type it is stored as in the test file
+TYPES = {
+    "self_attn.q_proj": "F16",
+    "self_attn.k_proj": "BF16",
+    "self_attn.v_proj": "Q8_0",
+    "self_attn.o_proj": "Q4_0",
+    "mlp.gate_proj": "Q4_1",
+    "mlp.up_proj": "Q4_1",
+    "mlp.down_proj": "Q8_0",
+}
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to Llama q/k rows."""
+    return weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def store(writer, name, weight: np.ndarray, type_name: str) -> np.ndarray:
+    """Write `weight` as `type_name`; return the float32 values the file now holds."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    if type_name == "F32":
+        writer.add_tensor(name, weight)
+        return weight
+    if type_name == "F16":
+        writer.add_tensor(name, weight.astype(np.float16))
+        return weight.astype(np.float16).astype(np.float32)
+    raw = gguf.quants.quantize(weight, qtype)
+    writer.add_tensor(name, raw, raw_dtype=qtype)
+    return gguf.quants.dequantize(raw, qtype).reshape(weight.shape)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, rms_norm_eps=1e-5,
+                      initializer_range=0.2, tie_word_embeddings=False, rope_theta=10000.0)
+    hf = LlamaForCausalLM(cfg).eval()
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(256)
+    held = {}  # HF name -> the values as stored in the file
+    sd = {k: v.numpy() for k, v in hf.state_dict().items()}
+    held["model.embed_tokens.weight"] = store(writer, "token_embd.weight", sd["model.embed_tokens.weight"], "Q8_0")
+    held["lm_head.weight"] = store(writer, "output.weight", sd["lm_head.weight"], "F16")
+    held["model.norm.weight"] = store(writer, "output_norm.weight", sd["model.norm.weight"], "F32")
+    for i in range(2):
+        for norm, gname in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")):
+            key = f"model.layers.{i}.{norm}.weight"
+            held[key] = store(writer, f"blk.{i}.{gname}.weight", sd[key], "F32")
+        for hf_name, type_name in TYPES.items():
+            key = f"model.layers.{i}.{hf_name}.weight"
+            weight = sd[key]
+            heads = {"self_attn.q_proj": 4, "self_attn.k_proj": 2}.get(hf_name)
+            stored = store(writer, f"blk.{i}.{GGUF_NAMES[hf_name]}.weight",
+                           llama_cpp_permute(weight, heads) if heads else weight, type_name)
+            # the reference keeps HF's row order (quantization is per row, so un-permuting is exact)
+            held[key] = _unpermute(stored, heads) if heads else stored
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    hf.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in held.items()})
+    return path, hf
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    rows = weight.shape[0] // num_heads // 2
+    return weight.reshape(num_heads, rows, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def causal_attention(layer, q, k, v):
+    group = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1), v.repeat_interleave(group, 1).transpose(0, 1),
+        is_causal=True,
+    )
+    return out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("use_kernels", [False, True])
+def test_mixed_type_gguf_matches_transformers(written, use_kernels):
+    path, hf = written
+    kernels = native_kernels() if use_kernels else None
+    if use_kernels:
+        assert kernels is not None, "the C++ kernels failed to build"
+    model = load_model(path, kernels=kernels)
+    assert (model.layers[0].mlp.gate_up_proj.kernel is not None) == use_kernels
+    ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0))  # <= 16 rows: kernel path
+    ours = model(ids, torch.arange(12), causal_attention)
+    with torch.inference_mode():
+        ref = hf(ids[None]).logits[0]
+    assert (ours - ref).abs().max().item() <= 1e-4

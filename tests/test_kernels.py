@@ -1,0 +1,90 @@
+"""The native kernels against plain PyTorch: GGUF-block matmul and in-place paged decode attention."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokensieve.kernels import native_kernels
+from tokensieve.models.quantized import BLOCK_LAYOUTS, QuantizedWeight
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = native_kernels()
+    assert module is not None, "the C++ kernels failed to build (see the warning above)"
+    return module
+
+
+def random_gguf_tensor(type_name, rows, cols, seed):
+    """Random bytes laid out as GGUF blocks, with sane float16 scales."""
+    rng = np.random.default_rng(seed)
+    block_bytes, _ = BLOCK_LAYOUTS[type_name]
+    raw = rng.integers(0, 256, size=(rows, cols // 32, block_bytes), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.05, size=(rows, cols // 32)).astype(np.float16)
+    raw[..., 0:2] = scales.view(np.uint8).reshape(rows, cols // 32, 2)
+    if type_name == "Q4_1":
+        mins = rng.uniform(-0.2, 0.0, size=(rows, cols // 32)).astype(np.float16)
+        raw[..., 2:4] = mins.view(np.uint8).reshape(rows, cols // 32, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_quantized_matmul_uses_exactly_the_gguf_weights(kernels, type_name):
+    import gguf
+
+    rows, cols = 96, 256
+    raw = random_gguf_tensor(type_name, rows, cols, seed=len(type_name))
+    dense = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(rows, cols))
+    weight = QuantizedWeight.from_gguf(raw, type_name)
+    run = lambda x: kernels.quantized_matmul(x, weight.blocks, weight.scales, weight.mins, weight.kind)
+    # multiplying by unit vectors reads the weights back bit for bit
+    assert torch.equal(run(torch.eye(cols)[:16]), dense[:, :16].T.contiguous())
+    x = torch.randn(11, cols, generator=torch.Generator().manual_seed(0))
+    out = run(x)
+    reference = F.linear(x, dense)  # same weights; only the float32 summation order differs
+    assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
+    # a row's result does not depend on which other rows are in the batch
+    for i in range(11):
+        assert torch.equal(run(x[i : i + 1])[0], out[i])
+
+
+def test_row_order_permutes_blocks(kernels):
+    raw = random_gguf_tensor("Q8_0", 8, 64, seed=3)
+    order = np.array([3, 1, 0, 2, 7, 6, 5, 4])
+    permuted = QuantizedWeight.from_gguf(raw, "Q8_0", order)
+    plain = QuantizedWeight.from_gguf(raw, "Q8_0")
+    assert torch.equal(permuted.blocks, plain.blocks[order]) and torch.equal(permuted.scales, plain.scales[order])
+
+
+def test_paged_decode_attention_matches_gather_and_softmax(kernels):
+    gen = torch.Generator().manual_seed(0)
+    batch, kv_heads, group, dim, block_size = 3, 2, 3, 64, 4
+    pool_k = torch.randn(64, block_size, dim, generator=gen)
+    pool_v = torch.randn(64, block_size, dim, generator=gen)
+    lengths = torch.tensor([[5, 1], [8, 12], [3, 9]])  # ragged: every (sequence, head) has its own length
+    tables = torch.randperm(64, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
+    q = torch.randn(batch, kv_heads, group, dim, generator=gen)
+    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5)
+    out = kernels.paged_weighted_values(torch.softmax(scores, -1), pool_v, tables, lengths)
+    for b in range(batch):
+        for h in range(kv_heads):
+            n = int(lengths[b, h])
+            keys = pool_k[tables[b, h]].reshape(-1, dim)[:n]
+            values = pool_v[tables[b, h]].reshape(-1, dim)[:n]
+            ref = torch.softmax(q[b, h] @ keys.T * dim**-0.5, -1) @ values
+            assert torch.allclose(out[b, h], ref, atol=1e-5)
+            assert torch.isinf(scores[b, h, :, n:]).all()
+
+
+def test_engine_without_kernels_matches_transformers(hf_model, llm):
+    """The plain-PyTorch path (used where the kernels cannot be built) stays correct too."""
+    from tokensieve import LLM, SamplingParams
+
+    plain = LLM("smollm2-135m", native_kernels=False)
+    assert plain.engine.kernels is None and plain.engine.model.lm_head.kernel is None
+    ids = llm.encode([{"role": "user", "content": "Name three colours."}])
+    ours = plain.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
+    with torch.inference_mode():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert ours.token_ids == ref[0, len(ids):].tolist()
