@@ -16,8 +16,10 @@ class EngineConfig:
     block_size: int = 16  # entries of one (layer, KV head) per KV block
     kv_cache_bytes: int = 2 * 1024**3  # size of the KV pool (CPU pages are committed only when used)
     max_num_seqs: int = 16  # sequences running at once
-    max_batched_tokens: int = 1024  # tokens in one forward
-    prefill_chunk_size: int = 512  # most prompt tokens of one sequence in one forward
+    # A bigger prefill chunk runs prompts faster; a smaller one stalls other sequences' decoding for less
+    # time (a 2048-token chunk of a 135M model takes about 4 s on 2 CPU cores).
+    max_batched_tokens: int = 2048  # tokens in one forward
+    prefill_chunk_size: int = 2048  # most prompt tokens of one sequence in one forward
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
 
