@@ -24,11 +24,12 @@ def ours_timed(llm: LLM, prompts: torch.Tensor, new_tokens: int) -> tuple[float,
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     ids = [engine.add_request(row.tolist(), params) for row in prompts]
-    first_token_at, last_token_at, done = None, None, set()
+    first_token_at, last_token_at, started, done = None, None, set(), set()
     while len(done) < len(ids):
         outputs = engine.step()
         now = time.perf_counter()
-        if outputs and first_token_at is None and all(engine._sequences[i].num_output_tokens for i in ids):
+        started.update(o.request_id for o in outputs)
+        if first_token_at is None and len(started) == len(ids):
             first_token_at = now
         last_token_at = now
         done.update(o.request_id for o in outputs if o.finished)

@@ -127,10 +127,10 @@ class PagedAttention:
         return self._visible(lengths, entry_positions, group.query_positions.view(-1, 1, 1))
 
     def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        group = self.decode
-        batch, num_heads, head_dim = q.shape
         if self.kernels is not None:
             return self._attend_decode_in_place(layer, q)
+        group = self.decode
+        batch, num_heads, head_dim = q.shape
         keys, values = self._gather(group.block_tables[layer])  # [batch, kv_heads, entries, dim]
         num_kv_heads = keys.shape[1]
         mask = self._shared_decode_mask if self._shared_decode_mask is not None else self._decode_mask(layer)
