@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--decode-tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=2)
     speed.add_argument("--kv-cache-bytes", type=int, default=4 * 1024**3)
+    speed.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
+                       help="plain PyTorch only (to measure what the C++ kernels bring)")
     speed.add_argument("--json", default=None, help="also write the results to this file")
     speed.set_defaults(func=cmd_bench, threads=2)
     return parser
