@@ -1,7 +1,7 @@
 """tokensieve: a lean inference engine for Llama-family LLMs with per-head paged KV storage."""
 
 from .config import EngineConfig
-from .errors import ModelLoadError, OutOfKVMemoryError, RequestError, TokensieveError
+from .errors import ModelLoadError, RequestError, TokensieveError
 from .llm import LLM
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -14,5 +14,4 @@ __all__ = [
     "TokensieveError",
     "ModelLoadError",
     "RequestError",
-    "OutOfKVMemoryError",
 ]

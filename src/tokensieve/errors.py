@@ -11,7 +11,3 @@ class ModelLoadError(TokensieveError):
 
 class RequestError(TokensieveError, ValueError):
     """A request is invalid (empty prompt, too long, bad sampling values); the engine is unaffected."""
-
-
-class OutOfKVMemoryError(TokensieveError):
-    """A single request needs more KV blocks than the whole pool holds."""

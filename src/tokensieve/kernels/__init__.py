@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
 
 
+SOURCES = ("kernels.h", "bindings.cpp", "qmatmul.cpp", "paged_attention.cpp")
+
+
 def _build_dir() -> Path:
+    """One build folder per kernel source text and torch version, so checkouts share identical builds."""
+    import torch
+
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name in SOURCES:
+        digest.update((Path(__file__).parent / name).read_bytes())
     root = os.environ.get("TOKENSIEVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokensieve"
-    path = Path(root) / "kernels"
+    path = Path(root) / "kernels" / digest.hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -27,7 +37,7 @@ def native_kernels():
 
         return load(
             name="tokensieve_kernels",
-            sources=[str(here / name) for name in ("bindings.cpp", "qmatmul.cpp", "paged_attention.cpp")],
+            sources=[str(here / name) for name in SOURCES if name.endswith(".cpp")],
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(_build_dir()),

@@ -46,7 +46,3 @@ class QuantizedWeight:
         return QuantizedWeight(
             parts[0].kind, torch.cat([p.blocks for p in parts]), torch.cat([p.scales for p in parts]), mins
         )
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.blocks, self.scales, self.mins))
