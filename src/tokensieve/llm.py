@@ -17,6 +17,10 @@ from .weights.packaged import DEFAULT_MODEL
 Prompt = Any
 
 
+def _is_chat(prompt: Prompt) -> bool:
+    return isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt)
+
+
 class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", **engine_options):
         self.engine = LLMEngine(model, EngineConfig(dtype=dtype, device=device, **engine_options))
@@ -40,7 +44,7 @@ class LLM:
             return self.tokenizer(prompt).input_ids
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             return list(prompt["prompt_token_ids"])
-        if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+        if _is_chat(prompt):
             if not prompt:
                 raise RequestError("the chat has no messages")
             text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
@@ -52,9 +56,7 @@ class LLM:
 
     @staticmethod
     def _as_batch(prompts) -> list[Prompt]:
-        single = isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and prompts and all(isinstance(m, dict) and "role" in m for m in prompts)
-        )
+        single = isinstance(prompts, (str, dict)) or (bool(prompts) and _is_chat(prompts))
         return [prompts] if single else list(prompts)
 
     def generate(

@@ -8,6 +8,8 @@ import os
 import warnings
 from pathlib import Path
 
+from ..cache import cache_root
+
 
 SOURCES = ("kernels.h", "bindings.cpp", "qmatmul.cpp", "paged_attention.cpp")
 
@@ -19,8 +21,7 @@ def _build_dir() -> Path:
     digest = hashlib.sha256(torch.__version__.encode())
     for name in SOURCES:
         digest.update((Path(__file__).parent / name).read_bytes())
-    root = os.environ.get("TOKENSIEVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokensieve"
-    path = Path(root) / "kernels" / digest.hexdigest()[:16]
+    path = cache_root() / "kernels" / digest.hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 
+from ..cache import cache_root
 from ..errors import ModelLoadError
 from ..models.config import ModelConfig
 from ..models.llama import LlamaModel
@@ -105,8 +105,7 @@ def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     """Where the tokenizer converted from a GGUF file is kept (conversion takes seconds)."""
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = os.environ.get("TOKENSIEVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tokensieve"
-    return Path(root) / "tokenizers" / key
+    return cache_root() / "tokenizers" / key
 
 
 def load_tokenizer(model: str | Path):
