@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from ..config import DTYPES
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .hf_baseline import hf_generate_timed, load_hf_model
@@ -45,7 +46,7 @@ def _best(fn, repeats: int) -> tuple[float, float]:
 
 def run_speed_benchmark(args) -> dict:
     torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
               kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels)
     hf = load_hf_model(args.model, dtype)

@@ -9,6 +9,7 @@ entries computed at positions <= p (and > p - window with a sliding window).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -94,9 +95,7 @@ class PagedAttention:
         )
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         buffer = self.scratch.get(name)
         if buffer is None or buffer.numel() < numel:
             buffer = self.scratch[name] = torch.empty(numel, dtype=self.pool.keys.dtype, device=self.pool.keys.device)

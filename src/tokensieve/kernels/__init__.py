@@ -11,6 +11,7 @@ from pathlib import Path
 from ..cache import cache_root
 
 
+KERNEL_DIR = Path(__file__).parent
 SOURCES = ("kernels.h", "bindings.cpp", "qmatmul.cpp", "paged_attention.cpp")
 
 
@@ -20,7 +21,7 @@ def _build_dir() -> Path:
 
     digest = hashlib.sha256(torch.__version__.encode())
     for name in SOURCES:
-        digest.update((Path(__file__).parent / name).read_bytes())
+        digest.update((KERNEL_DIR / name).read_bytes())
     path = cache_root() / "kernels" / digest.hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -32,13 +33,12 @@ def native_kernels():
     it cannot be built; TOKENSIEVE_NO_KERNELS=1 turns it off."""
     if os.environ.get("TOKENSIEVE_NO_KERNELS"):
         return None
-    here = Path(__file__).parent
     try:
         from torch.utils.cpp_extension import load
 
         return load(
             name="tokensieve_kernels",
-            sources=[str(here / name) for name in SOURCES if name.endswith(".cpp")],
+            sources=[str(KERNEL_DIR / name) for name in SOURCES if name.endswith(".cpp")],
             extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(_build_dir()),

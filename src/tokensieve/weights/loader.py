@@ -31,21 +31,32 @@ def resolve_model_path(model: str | Path) -> Path:
     return path
 
 
+def _linear_sources(layer: int) -> dict[str, list[str]]:
+    """Each linear of a layer (our module name) and the HF tensors, without suffix, stacked into it."""
+    hf, ours = f"model.layers.{layer}", f"layers.{layer}"
+    return {
+        f"{ours}.self_attn.qkv_proj": [f"{hf}.self_attn.{name}_proj" for name in "qkv"],
+        f"{ours}.self_attn.o_proj": [f"{hf}.self_attn.o_proj"],
+        f"{ours}.mlp.gate_up_proj": [f"{hf}.mlp.gate_proj", f"{hf}.mlp.up_proj"],
+        f"{ours}.mlp.down_proj": [f"{hf}.mlp.down_proj"],
+    }
+
+
 def _engine_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename HF tensors to our module names, fusing q/k/v and gate/up into single matrices."""
-    state = {k.removeprefix("model."): v for k, v in hf_state.items()}
+    state = dict(hf_state)
     for i in range(cfg.num_layers):
-        attn, mlp = f"layers.{i}.self_attn", f"layers.{i}.mlp"
-        suffixes = ("weight", "bias") if cfg.qkv_bias else ("weight",)
-        try:
-            for suffix in suffixes:
-                parts = [state.pop(f"{attn}.{name}_proj.{suffix}") for name in "qkv"]
-                state[f"{attn}.qkv_proj.{suffix}"] = torch.cat(parts)
-            state[f"{mlp}.gate_up_proj.weight"] = torch.cat(
-                [state.pop(f"{mlp}.gate_proj.weight"), state.pop(f"{mlp}.up_proj.weight")]
-            )
-        except KeyError as exc:
-            raise ModelLoadError(f"weights are missing tensor {exc.args[0]}") from exc
+        for module_name, sources in _linear_sources(i).items():
+            for suffix in ("weight", "bias"):
+                names = [f"{source}.{suffix}" for source in sources]
+                if suffix == "bias" and names[0] not in state:
+                    continue
+                try:
+                    parts = [state.pop(name) for name in names]
+                except KeyError as exc:
+                    raise ModelLoadError(f"weights are missing tensor {exc.args[0]}") from exc
+                state[f"{module_name}.{suffix}"] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
@@ -55,16 +66,10 @@ def _fused_quantized(cfg: ModelConfig, quantized: dict[str, QuantizedWeight]) ->
     """The GGUF blocks under our module names (q/k/v and gate/up stacked), where every part has blocks."""
     fused: dict[str, QuantizedWeight] = {}
     for i in range(cfg.num_layers):
-        prefix = f"model.layers.{i}"
-        groups = {
-            f"layers.{i}.self_attn.qkv_proj": [f"{prefix}.self_attn.{n}_proj.weight" for n in "qkv"],
-            f"layers.{i}.self_attn.o_proj": [f"{prefix}.self_attn.o_proj.weight"],
-            f"layers.{i}.mlp.gate_up_proj": [f"{prefix}.mlp.gate_proj.weight", f"{prefix}.mlp.up_proj.weight"],
-            f"layers.{i}.mlp.down_proj": [f"{prefix}.mlp.down_proj.weight"],
-        }
-        for module_name, parts in groups.items():
-            if all(p in quantized for p in parts):
-                weight = QuantizedWeight.concat([quantized[p] for p in parts])
+        for module_name, sources in _linear_sources(i).items():
+            names = [f"{source}.weight" for source in sources]
+            if all(name in quantized for name in names):
+                weight = QuantizedWeight.concat([quantized[name] for name in names])
                 if weight is not None:
                     fused[module_name] = weight
     head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
