@@ -88,3 +88,15 @@ def test_removing_a_waiting_or_running_sequence_frees_its_blocks():
     scheduler.remove(b)
     assert scheduler.block_manager.num_used_blocks == 0
     assert not scheduler.has_unfinished()
+
+
+def test_a_chunk_never_crosses_from_a_compressed_context_into_its_question():
+    scheduler = make_scheduler(max_batched_tokens=64, chunk=32)
+    query_agnostic = Sequence("r0", list(range(50)), SamplingParams(), arrival_order=0, compress_len=40)
+    scheduler.add(query_agnostic)
+    sizes = []
+    while query_agnostic.num_unprocessed > 1 or not sizes:
+        out = scheduler.schedule()
+        sizes.append(out.chunks[0].num_tokens)
+        run_step(scheduler, out)
+    assert sizes == [32, 8, 10]  # the context ends a chunk (and is compressed) before the question starts

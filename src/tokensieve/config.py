@@ -2,11 +2,47 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .policies import ALLOCATIONS, make_policy
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class KVPolicyConfig:
+    """Which KV policy runs and under what budget: `budget` entries per (layer, KV head) on average,
+    or `keep_ratio` of the tokens processed so far. It compresses after every prefill chunk of the
+    compressed part of a prompt, and every `decode_interval` decode steps when that is set."""
+
+    name: str = "full"
+    budget: int | None = None
+    keep_ratio: float | None = None
+    allocation: str = "uniform"  # uniform | pyramid (more in early layers) | adaptive (AdaKV, across heads)
+    decode_interval: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the policy's own settings (window, sinks, ...)
+    seed: int = 0
+
+    def __post_init__(self):
+        policy = make_policy(self.name, self.options, self.seed)  # raises on unknown names or options
+        if policy.evicts and (self.budget is None) == (self.keep_ratio is None):
+            raise ValueError(f"KV policy {self.name!r} needs exactly one of budget or keep_ratio")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ValueError(f"budget must be a positive integer, got {self.budget!r}")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.decode_interval is not None and self.decode_interval < 1:
+            raise ValueError(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
+
+    @property
+    def label(self) -> str:
+        size = f"{self.budget}" if self.budget is not None else f"{self.keep_ratio:g}x" if self.keep_ratio else "all"
+        return f"{self.name}@{size}" + ("" if self.allocation == "uniform" else f"/{self.allocation}")
 
 
 @dataclass
@@ -22,6 +58,7 @@ class EngineConfig:
     prefill_chunk_size: int = 2048  # most prompt tokens of one sequence in one forward
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
+    kv_policy: KVPolicyConfig | None = None  # KV-cache eviction (None: keep everything)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -32,6 +69,8 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         torch.device(self.device)  # raises on a malformed device string
+        if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
+            raise ValueError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
 
     @property
     def wants_native_kernels(self) -> bool:

@@ -10,10 +10,13 @@ from .config import EngineConfig
 from .engine.engine import LLMEngine
 from .errors import RequestError
 from .outputs import RequestOutput
+from .prompts import context_question_ids
 from .sampling_params import SamplingParams
 from .weights.packaged import DEFAULT_MODEL
 
-# A prompt is text, a chat (list of {"role", "content"} messages) or {"prompt_token_ids": [...]}.
+# A prompt is text, a chat (list of {"role", "content"} messages), {"prompt_token_ids": [...]}, or
+# {"context": text, "question": text}: one user turn whose context a KV policy compresses before the
+# question is seen (query-agnostic); {"prompt_token_ids": [...], "compress_len": n} says the same in tokens.
 Prompt = Any
 
 
@@ -40,18 +43,28 @@ class LLM:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt; chats go through the model's chat template."""
+        return self._encode_request(prompt)[0]
+
+    def _encode_request(self, prompt: Prompt) -> tuple[list[int], int | None]:
+        """Token ids and how many leading ones the KV policy compresses before the rest is seen (None: all)."""
+        if isinstance(prompt, dict) and "context" in prompt and "question" in prompt:
+            context_ids, question_ids = context_question_ids(self.tokenizer, prompt["context"], prompt["question"])
+            return context_ids + question_ids, len(context_ids)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"]), prompt.get("compress_len")
+        return self._encode_plain(prompt), None
+
+    def _encode_plain(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer(prompt).input_ids
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
         if _is_chat(prompt):
             if not prompt:
                 raise RequestError("the chat has no messages")
             text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             return self.tokenizer(text, add_special_tokens=False).input_ids
         raise RequestError(
-            f"a prompt must be a string, a chat (list of role/content messages) or {{'prompt_token_ids': [...]}}, "
-            f"got {type(prompt).__name__}"
+            "a prompt must be a string, a chat (list of role/content messages), {'prompt_token_ids': [...]} "
+            f"or {{'context': ..., 'question': ...}}, got {type(prompt).__name__}"
         )
 
     @staticmethod
@@ -67,11 +80,11 @@ class LLM:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(batch)
         if len(params_list) != len(batch):
             raise RequestError(f"{len(batch)} prompts but {len(params_list)} SamplingParams")
-        encoded = [self.encode(p) for p in batch]
+        encoded = [self._encode_request(p) for p in batch]
         request_ids: list[str] = []
         try:
-            for token_ids, p in zip(encoded, params_list):
-                request_ids.append(self.engine.add_request(token_ids, p))
+            for (token_ids, compress_len), p in zip(encoded, params_list):
+                request_ids.append(self.engine.add_request(token_ids, p, compress_len=compress_len))
             finals: dict[str, RequestOutput] = {}
             while len(finals) < len(request_ids):
                 for out in self.engine.step():
@@ -84,7 +97,8 @@ class LLM:
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield an output (with its `delta_text`) each time the request gains text, until it finishes."""
-        request_id = self.engine.add_request(self.encode(prompt), params or SamplingParams())
+        token_ids, compress_len = self._encode_request(prompt)
+        request_id = self.engine.add_request(token_ids, params or SamplingParams(), compress_len=compress_len)
         try:
             finished = False
             while not finished:
@@ -97,7 +111,10 @@ class LLM:
 
     def prompt_logits(self, prompt: Prompt) -> torch.Tensor:
         """Logits [tokens, vocab] at every prompt position (for perplexity and reference checks)."""
-        request_id = self.engine.add_request(self.encode(prompt), SamplingParams(max_tokens=1, temperature=0), want_prompt_logits=True)
+        token_ids, compress_len = self._encode_request(prompt)
+        request_id = self.engine.add_request(
+            token_ids, SamplingParams(max_tokens=1, temperature=0), want_prompt_logits=True, compress_len=compress_len
+        )
         try:
             while self.engine.has_unfinished():
                 self.engine.step()

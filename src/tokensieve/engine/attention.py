@@ -5,17 +5,26 @@ written to their slots in the pool, then each sequence attends to every entry it
 holds. Decoding sequences (one query each) are attended together; each prefill chunk alone.
 Visibility comes from the positions stored with the entries: a query at position p sees the
 entries computed at positions <= p (and > p - window with a sliding window).
+
+A KV policy that needs attention gets it through an observer: after attending, the scaled q.k
+logits of the observed queries over the sequence's stored entries are handed to it, per layer.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .kv_pool import KVPool
+
+
+# observer(layer, logits [kv_heads, group, queries, entries], first query, observed queries this forward)
+Observer = Callable[[int, torch.Tensor, int, int], None]
+OBSERVED_QUERIES_PER_SLICE = 256  # bounds the logits held at once while observing a long chunk
 
 
 @dataclass
@@ -26,6 +35,7 @@ class DecodeGroup:
     lengths: torch.Tensor  # [layers, batch, kv_heads] entries after this step's write
     query_positions: torch.Tensor  # [batch]
     layers_aligned: bool  # every layer holds the same entries at the same places: one mask serves all
+    observers: dict[int, Observer] = field(default_factory=dict)  # by row: who records that query's attention
 
 
 @dataclass
@@ -38,6 +48,8 @@ class PrefillChunk:
     lengths: torch.Tensor  # [layers, kv_heads]
     query_positions: torch.Tensor  # [tokens]
     is_first: bool  # nothing was stored before this chunk: plain causal attention over the chunk
+    observer: Observer | None = None
+    observed_queries: int | None = None  # the chunk's latest queries the observer sees (None: all)
 
 
 class PagedAttention:
@@ -81,17 +93,19 @@ class PagedAttention:
         for chunk in self.prefills:
             rows = slice(chunk.start, chunk.end)
             out[rows] = self._attend_prefill(layer, chunk, q[rows], k[rows], v[rows])
+            if chunk.observer is not None:
+                self._observe_prefill(layer, chunk, q[rows])
         return out
 
-    def _gather(self, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, block_tables: torch.Tensor, names=("keys", "values")) -> tuple[torch.Tensor, ...]:
         """Keys and values [..., entries, dim] of the given blocks, copied into reused buffers
         (a fresh multi-megabyte tensor per layer costs more in page faults than the copy itself)."""
         ids = block_tables.flatten()
         block_shape = self.pool.keys.shape[1:]
         shape = block_tables.shape[:-1] + (-1, block_shape[-1])
         return tuple(
-            torch.index_select(source, 0, ids, out=self._buffer(name, (len(ids),) + block_shape)).view(shape)
-            for name, source in (("keys", self.pool.keys), ("values", self.pool.values))
+            torch.index_select(getattr(self.pool, name), 0, ids, out=self._buffer(name, (len(ids),) + block_shape)).view(shape)
+            for name in names
         )
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -136,6 +150,9 @@ class PagedAttention:
         # the query heads sharing a KV head become the "query" axis of that head: no repeat of keys
         grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
         out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask)
+        for row, observer in group.observers.items():
+            logits = (grouped_q[row] @ keys[row].transpose(-1, -2)) * head_dim**-0.5  # [kv_heads, group, entries]
+            observer(layer, logits.masked_fill(~mask[row], float("-inf")).unsqueeze(2), 0, 1)
         return out.reshape(batch, num_heads, head_dim)
 
     def _attend_decode_in_place(self, layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -143,6 +160,8 @@ class PagedAttention:
         tables, lengths = self.decode.block_tables[layer], self.decode.lengths[layer]
         grouped_q = q.reshape(batch, tables.shape[1], -1, head_dim).contiguous()
         scores = self.kernels.paged_scores(grouped_q, self.pool.keys, tables, lengths, head_dim**-0.5)
+        for row, observer in self.decode.observers.items():
+            observer(layer, scores[row].unsqueeze(2), 0, 1)
         probs = torch.softmax(scores, dim=-1)
         out = self.kernels.paged_weighted_values(probs, self.pool.values, tables, lengths)
         return out.view(batch, num_heads, head_dim)
@@ -166,3 +185,18 @@ class PagedAttention:
             grouped_q, keys.unsqueeze(1).expand(shape), values.unsqueeze(1).expand(shape), attn_mask=mask, is_causal=causal
         )
         return out.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim)
+
+    def _observe_prefill(self, layer: int, chunk: PrefillChunk, q: torch.Tensor) -> None:
+        """Hand the observer the logits of the chunk's observed queries over all stored entries."""
+        num_tokens, num_heads, head_dim = q.shape
+        first = 0 if chunk.observed_queries is None else max(0, num_tokens - chunk.observed_queries)
+        (keys,) = self._gather(chunk.block_tables[layer], ("keys",))  # [kv_heads, entries, dim]
+        entry_positions = self._entry_positions(chunk.block_tables[layer])
+        num_kv_heads = keys.shape[0]
+        keys_t = keys.transpose(-1, -2).unsqueeze(1)  # [kv_heads, 1, dim, entries]
+        for start in range(first, num_tokens, OBSERVED_QUERIES_PER_SLICE):
+            end = min(start + OBSERVED_QUERIES_PER_SLICE, num_tokens)
+            grouped_q = q[start:end].reshape(end - start, num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)
+            visible = self._visible(chunk.lengths[layer], entry_positions, chunk.query_positions[start:end].view(1, -1))
+            logits = (grouped_q @ keys_t) * head_dim**-0.5  # [kv_heads, group, queries, entries]
+            chunk.observer(layer, logits.masked_fill(~visible.unsqueeze(1), float("-inf")), start - first, num_tokens - first)

@@ -13,6 +13,7 @@ class BlockManager:
         self.num_kv_heads = num_kv_heads
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._live: dict[int, BlockTable] = {}  # tables by id(), to count stored entries
+        self.peak_used_blocks = 0  # most blocks handed out at once since the last reset_peak()
 
     @property
     def num_free_blocks(self) -> int:
@@ -47,6 +48,17 @@ class BlockManager:
             block_ids = self._free[-total:]
             del self._free[-total:]
             table.add_blocks(needed, block_ids)
+            self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+
+    def reset_peak(self) -> None:
+        self.peak_used_blocks = self.num_used_blocks
+
+    def compact(self, table: BlockTable, keep) -> tuple:
+        """Keep only the entries `keep` marks (see BlockTable.compact); freed blocks return to the pool.
+        Returns the (source, destination) slots whose contents the caller must move."""
+        source, destination, freed = table.compact(keep)
+        self._free.extend(freed)
+        return source, destination
 
     def release(self, table: BlockTable) -> None:
         """Return every block of `table` to the pool; the table stays usable (empty)."""

@@ -44,6 +44,30 @@ class BlockTable:
         self.lengths += num_new
         return (block * self.block_size + entry % self.block_size).transpose(0, 2, 1)
 
+    def slots(self, layer: np.ndarray, head: np.ndarray, entry: np.ndarray) -> np.ndarray:
+        """Flat pool slots of the given entries."""
+        return self.blocks[layer, head, entry // self.block_size] * self.block_size + entry % self.block_size
+
+    def compact(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Keep only the entries where `keep` [layers, heads, width] is set, moved to the front of their
+        (layer, head) in the same order. Returns the (source, destination) slots of the entries that
+        move and the block ids no longer needed."""
+        if keep.shape[-1] < self.lengths.max():
+            raise ValueError(f"keep mask covers {keep.shape[-1]} entries but a head stores {self.lengths.max()}")
+        layer, head, entry = np.nonzero(keep)
+        counts = keep.sum(-1)
+        first_of_pair = (np.cumsum(counts) - counts.ravel()).reshape(counts.shape)
+        new_entry = np.arange(len(entry)) - first_of_pair[layer, head]
+        moved = new_entry != entry
+        layer, head = layer[moved], head[moved]
+        source, destination = self.slots(layer, head, entry[moved]), self.slots(layer, head, new_entry[moved])
+        new_num_blocks = -(-counts // self.block_size)
+        index = np.arange(self.blocks.shape[2])
+        freed = self.blocks[(index >= new_num_blocks[..., None]) & (index < self.num_blocks[..., None])].tolist()
+        self.lengths = counts.astype(np.int64)
+        self.num_blocks = new_num_blocks.astype(np.int64)
+        return source, destination, freed
+
     def layers_aligned(self) -> bool:
         """True while every (layer, head) holds the same number of entries (nothing evicted unevenly)."""
         return bool((self.lengths == self.lengths.flat[0]).all())

@@ -16,6 +16,7 @@ from ..outputs import RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
 from ..weights import load_model, load_tokenizer
 from .block_manager import BlockManager
+from .kv_compression import KVCompressor
 from .kv_pool import KVPool
 from .output_text import OutputText
 from .runner import ModelRunner
@@ -42,7 +43,9 @@ class LLMEngine:
         self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size)
-        self.runner = ModelRunner(self.model, self.pool, self.kernels)
+        policy = config.kv_policy
+        self.compressor = KVCompressor(policy, self.pool, self.block_manager) if policy and policy.name != "full" else None
+        self.runner = ModelRunner(self.model, self.pool, self.kernels, self.compressor)
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -57,9 +60,16 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         want_prompt_logits: bool = False,
+        compress_len: int | None = None,
     ) -> str:
-        """Queue a request; raises RequestError (and changes nothing) if it cannot be served."""
+        """Queue a request; raises RequestError (and changes nothing) if it cannot be served.
+
+        `compress_len`: only the first that many prompt tokens are compressed by the KV policy while
+        prefilling (the context); the rest (the question) is seen after compression: query-agnostic.
+        """
         self._validate(prompt_token_ids, params, want_prompt_logits)
+        if compress_len is not None and not (isinstance(compress_len, int) and 1 <= compress_len <= len(prompt_token_ids)):
+            raise RequestError(f"compress_len must be in [1, {len(prompt_token_ids)}] (the prompt's length), got {compress_len!r}")
         request_id = request_id or f"req-{secrets.token_hex(6)}"
         if request_id in self._sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -68,6 +78,7 @@ class LLMEngine:
             request_id, list(prompt_token_ids), params, next(self._arrivals),
             generator=torch.Generator(self.device).manual_seed(seed),
             want_prompt_logits=want_prompt_logits,
+            compress_len=compress_len,
         )
         self._sequences[request_id] = seq
         self._texts[request_id] = OutputText(self.tokenizer, seq.prompt_token_ids, params.stop)
@@ -132,6 +143,8 @@ class LLMEngine:
             if seq.want_prompt_logits:
                 seq.prompt_logits.append(logits[rows])
             seq.num_processed += chunk.num_tokens
+            if self.compressor is not None:
+                self.compressor.after_forward(seq)
             if completes:
                 sampled_seqs.append(seq)
                 sampled_rows.append(rows.stop - 1)
@@ -175,9 +188,11 @@ class LLMEngine:
 
     # ---- memory -------------------------------------------------------------------------
     def kv_memory(self) -> dict[str, int]:
-        """Exact KV accounting in bytes: pool capacity, blocks handed out, entries stored."""
+        """Exact KV accounting in bytes: pool capacity, blocks handed out (now and at most since
+        `block_manager.reset_peak()`), entries stored."""
         return {
             "capacity_bytes": self.pool.bytes_capacity,
             "allocated_bytes": self.block_manager.num_used_blocks * self.pool.bytes_per_block,
+            "peak_allocated_bytes": self.block_manager.peak_used_blocks * self.pool.bytes_per_block,
             "in_use_bytes": self.block_manager.num_stored_entries * self.pool.bytes_per_entry,
         }

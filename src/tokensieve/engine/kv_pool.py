@@ -24,6 +24,12 @@ class KVPool:
         self.values = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
         self.positions = _lazy_zeros((num_blocks, block_size), torch.int64, device)
 
+    def move(self, source: torch.Tensor, destination: torch.Tensor) -> None:
+        """Copy the entries at flat slots `source` to `destination` (keys, values and positions)."""
+        for storage in (self.keys, self.values, self.positions):
+            flat = storage.view(self.num_blocks * self.block_size, -1)
+            flat[destination] = flat[source]
+
     @property
     def bytes_per_entry(self) -> int:
         """Key + value bytes of one stored token in one (layer, KV head)."""

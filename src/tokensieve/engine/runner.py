@@ -7,15 +7,17 @@ import torch
 
 from ..models.llama import LlamaModel
 from .attention import DecodeGroup, PagedAttention, PrefillChunk
+from .kv_compression import KVCompressor
 from .kv_pool import KVPool
 from .scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool, kernels=None):
+    def __init__(self, model: LlamaModel, pool: KVPool, kernels=None, compressor: KVCompressor | None = None):
         self.model = model
         self.pool = pool
         self.kernels = kernels
+        self.compressor = compressor  # records attention for the KV policy when it asks
         self.device = pool.keys.device
         self.scratch: dict[str, torch.Tensor] = {}  # attention's gather buffers, kept between steps
 
@@ -33,6 +35,7 @@ class ModelRunner:
         token_ids, positions, write_slots, logits_rows, row_ranges = [], [], [], [], []
         prefills: list[PrefillChunk] = []
         decode_seqs = [c.seq for c in chunks if c.num_tokens == 1]
+        observers = {}
         start = 0
         for chunk in chunks:
             seq, n = chunk.seq, chunk.num_tokens
@@ -46,6 +49,9 @@ class ModelRunner:
             )
             row_ranges.append(slice(len(logits_rows), len(logits_rows) + len(wanted)))
             logits_rows.extend(wanted)
+            observer = self.compressor.observer(seq, n) if self.compressor else None
+            if n == 1 and observer is not None:
+                observers[start] = observer
             if n > 1:
                 table = seq.block_table
                 prefills.append(PrefillChunk(
@@ -54,10 +60,12 @@ class ModelRunner:
                     lengths=self._tensor(table.lengths.copy()),
                     query_positions=self._tensor(chunk_positions),
                     is_first=is_first,
+                    observer=observer,
+                    observed_queries=self.compressor.policy.observed_queries if observer else None,
                 ))
             start += n
         position_array = np.concatenate(positions)
-        decode = self._decode_group(decode_seqs, position_array[: len(decode_seqs)]) if decode_seqs else None
+        decode = self._decode_group(decode_seqs, position_array[: len(decode_seqs)], observers) if decode_seqs else None
         attention = PagedAttention(
             self.pool,
             write_slots=self._tensor(np.concatenate(write_slots, axis=1)),
@@ -76,9 +84,9 @@ class ModelRunner:
         )
         return logits, list(zip(chunks, row_ranges))
 
-    def _decode_group(self, seqs, query_positions: np.ndarray) -> DecodeGroup:
+    def _decode_group(self, seqs, query_positions: np.ndarray, observers) -> DecodeGroup:
         width = max(int(s.block_table.num_blocks.max()) for s in seqs)
         tables = np.stack([s.block_table.padded_blocks(width) for s in seqs], axis=1)  # [layers, batch, heads, blocks]
         lengths = np.stack([s.block_table.lengths for s in seqs], axis=1)
         aligned = all(s.block_table.layers_aligned() for s in seqs)
-        return DecodeGroup(self._tensor(tables), self._tensor(lengths), self._tensor(query_positions), aligned)
+        return DecodeGroup(self._tensor(tables), self._tensor(lengths), self._tensor(query_positions), aligned, observers)

@@ -68,7 +68,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
-            num_tokens = min(seq.num_unprocessed, budget, self.prefill_chunk_size)
+            num_tokens = self._chunk_size(seq, budget)
             if not self._make_room(seq, num_tokens, out):
                 continue
             self.block_manager.reserve(seq.block_table, num_tokens)
@@ -77,6 +77,13 @@ class Scheduler:
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out
+
+    def _chunk_size(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` for this step; a chunk never crosses from a compressed context into its question."""
+        num_tokens = min(seq.num_unprocessed, budget, self.prefill_chunk_size)
+        if seq.num_processed < seq.compress_len < seq.num_prompt_tokens:
+            num_tokens = min(num_tokens, seq.compress_len - seq.num_processed)
+        return num_tokens
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go."""
@@ -94,6 +101,7 @@ class Scheduler:
         self.block_manager.release(victim.block_table)
         victim.num_processed = 0
         victim.prompt_logits.clear()
+        victim.kv_attention = None
         victim.num_preemptions += 1
         self.num_preemptions += 1
         victim.status = SequenceStatus.WAITING
@@ -105,7 +113,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.block_table is None:
                 seq.block_table = self.block_manager.new_table()
-            num_tokens = min(seq.num_unprocessed, budget, self.prefill_chunk_size)
+            num_tokens = self._chunk_size(seq, budget)
             if not self.block_manager.can_append(seq.block_table, num_tokens):
                 break
             self.waiting.popleft()

@@ -32,6 +32,9 @@ class Sequence:
     want_prompt_logits: bool = False
     prompt_logits: list[Any] = field(default_factory=list)
     num_preemptions: int = 0
+    compress_len: int | None = None  # leading prompt tokens a KV policy compresses while prefilling (default: all)
+    kv_attention: list[Any] | None = None  # per layer: attention each stored entry received, if the policy asks
+    forwards_since_compression: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -39,6 +42,8 @@ class Sequence:
     def __post_init__(self):
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.compress_len is None:
+            self.compress_len = len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

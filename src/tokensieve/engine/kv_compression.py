@@ -1,0 +1,122 @@
+"""Runs the configured KV policy for the engine: records the attention a policy asks for during
+forwards, and compresses a sequence's cache to its budget after prefill chunks (and every
+`decode_interval` decode steps), returning the evicted entries' blocks to the pool."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from ..config import KVPolicyConfig
+from ..policies import EntryView, keep_mask, layer_budgets, make_policy, ratio_budget
+from .block_manager import BlockManager
+from .kv_pool import KVPool
+from .sequence import Sequence
+
+
+def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b over the last dim, the shorter one padded with zeros."""
+    if a.shape[-1] < b.shape[-1]:
+        a, b = b, a
+    a = a.clone()
+    a[..., : b.shape[-1]] += b
+    return a
+
+
+def _fit(record: torch.Tensor | None, width: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    """A per-layer record [heads, *] cut or zero-padded to `width` entries."""
+    out = torch.zeros(shape + (width,), device=device)
+    if record is not None:
+        used = min(width, record.shape[-1])
+        out[..., :used] = record[..., :used]
+    return out
+
+
+class KVCompressor:
+    def __init__(self, config: KVPolicyConfig, pool: KVPool, block_manager: BlockManager):
+        self.config = config
+        self.policy = make_policy(config.name, config.options, config.seed)
+        self.pool = pool
+        self.block_manager = block_manager
+        self.num_compressions = 0
+
+    # ---- observation (called from inside the forward) ----------------------------------------
+    def observer(self, seq: Sequence, num_tokens: int):
+        """The callback that records this forward's attention for `seq`, or None if none is needed."""
+        if not self.policy.evicts or self.policy.observed_queries == 0:
+            return None
+        in_compressed_prompt = seq.num_processed + num_tokens <= seq.compress_len
+        if not in_compressed_prompt and self.config.decode_interval is None:
+            return None
+        return partial(self.record, seq)
+
+    def record(self, seq: Sequence, layer: int, logits: torch.Tensor, first_query: int, num_queries: int) -> None:
+        """Record the attention of observed queries first_query.. (of `num_queries` this forward) over
+        the stored entries; logits [kv_heads, group, queries, entries], -inf where not visible."""
+        policy = self.policy
+        weights = policy.attention_weights(logits.float())
+        if policy.accumulate and policy.decay != 1.0:
+            queries_after = num_queries - first_query - 1 - torch.arange(logits.shape[2], device=logits.device)
+            weights = weights * (policy.decay ** queries_after.float()).view(1, 1, -1, 1)
+        contribution = weights.sum(dim=(1, 2))  # GQA: the query heads sharing a KV head vote together
+        if seq.kv_attention is None:
+            seq.kv_attention = [None] * self.block_manager.num_layers
+        previous = seq.kv_attention[layer]
+        if previous is not None and first_query == 0 and policy.accumulate:
+            previous = previous * policy.decay**num_queries
+        elif first_query == 0:
+            previous = None  # a policy that looks at the latest queries only forgets the older ones
+        seq.kv_attention[layer] = contribution if previous is None else _add_padded(previous, contribution)
+
+    # ---- compression (called after the forward) --------------------------------------------
+    def after_forward(self, seq: Sequence) -> None:
+        """Compress `seq` when its policy is due: after a chunk of the compressed part of the prompt,
+        or after every `decode_interval` forwards beyond it."""
+        if not self.policy.evicts:
+            return
+        if seq.num_processed <= seq.compress_len:
+            self.compress(seq)
+        elif self.config.decode_interval is not None:
+            seq.forwards_since_compression += 1
+            if seq.forwards_since_compression >= self.config.decode_interval:
+                self.compress(seq)
+
+    def budgets(self, seq: Sequence) -> torch.Tensor:
+        mean = self.config.budget or ratio_budget(self.config.keep_ratio, seq.num_processed)
+        manager = self.block_manager
+        return layer_budgets(mean, manager.num_layers, manager.num_kv_heads, self.config.allocation)
+
+    def compress(self, seq: Sequence) -> None:
+        """Keep the best entries of every (layer, KV head) under the budget; free the rest's blocks."""
+        seq.forwards_since_compression = 0
+        table = seq.block_table
+        device = self.pool.keys.device
+        lengths = torch.from_numpy(table.lengths.copy())
+        budgets = self.budgets(seq)
+        adaptive = self.config.allocation == "adaptive"
+        over = (lengths.sum(-1) > budgets.sum(-1)) if adaptive else (lengths > budgets)
+        if not bool(over.any()):
+            return
+        blocks = torch.from_numpy(table.padded_blocks(int(table.num_blocks.max()))).to(device)
+        positions = self.pool.positions[blocks].flatten(-2)  # [layers, heads, entries]
+        width = positions.shape[-1]
+        attention = None
+        if self.policy.observed_queries != 0:
+            records = seq.kv_attention or [None] * len(lengths)
+            attention = torch.stack([_fit(r, width, lengths.shape[1:], device) for r in records])
+        view = EntryView(attention, positions, lengths.to(device), budgets.to(device))
+        keep = keep_mask(self.policy.scores(view), view.lengths, view.budgets, self.config.allocation)
+        source, destination = self.block_manager.compact(table, keep.cpu().numpy())
+        self.pool.move(torch.from_numpy(source).to(device), torch.from_numpy(destination).to(device))
+        if attention is not None:
+            seq.kv_attention = list(self._compact_record(attention, keep).unbind(0))
+        self.num_compressions += 1
+
+    @staticmethod
+    def _compact_record(attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The record of the kept entries, moved to the front in order (as the pool entries were)."""
+        counts = keep.sum(-1, keepdim=True)
+        order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[..., : int(counts.max())]
+        kept = torch.gather(attention, -1, order)
+        return kept.masked_fill(torch.arange(kept.shape[-1], device=kept.device) >= counts, 0.0)

@@ -1,0 +1,28 @@
+"""KV-cache policies: each scores stored entries; the engine keeps the best under a budget."""
+
+from __future__ import annotations
+
+from .accumulated import A2SF, H2O, Keyformer
+from .base import EntryView, KVPolicy
+from .budget import ALLOCATIONS, keep_mask, layer_budgets, ratio_budget
+from .observation import TOVA, SnapKV
+from .position import FullCache, RandomEviction, StreamingLLM
+
+POLICIES: dict[str, type[KVPolicy]] = {
+    cls.name: cls for cls in (FullCache, RandomEviction, StreamingLLM, H2O, A2SF, Keyformer, SnapKV, TOVA)
+}
+
+
+def make_policy(name: str, options: dict | None = None, seed: int = 0) -> KVPolicy:
+    """Build a policy by name; unknown names or options raise ValueError saying what is accepted."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown KV policy {name!r}; known policies: {', '.join(POLICIES)}")
+    try:
+        return POLICIES[name](**(options or {}), seed=seed)
+    except TypeError as exc:
+        raise ValueError(f"bad options for KV policy {name!r}: {exc}") from None
+
+
+__all__ = [
+    "ALLOCATIONS", "POLICIES", "EntryView", "KVPolicy", "keep_mask", "layer_budgets", "make_policy", "ratio_budget",
+]
