@@ -1,6 +1,6 @@
 """tokensieve: a lean inference engine for Llama-family LLMs with per-head paged KV storage."""
 
-from .config import EngineConfig
+from .config import EngineConfig, KVPolicyConfig
 from .errors import ModelLoadError, RequestError, TokensieveError
 from .llm import LLM
 from .outputs import RequestOutput
@@ -9,6 +9,7 @@ from .sampling_params import SamplingParams
 __all__ = [
     "LLM",
     "EngineConfig",
+    "KVPolicyConfig",
     "SamplingParams",
     "RequestOutput",
     "TokensieveError",

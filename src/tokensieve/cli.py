@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .bench.longctx_parser import add_longctx_parser
 from .errors import TokensieveError
 from .weights.packaged import DEFAULT_MODEL
 
@@ -29,6 +30,28 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", action="store_true", help="print token counts and tokens/s")
 
 
+def _add_kv_policy_options(parser: argparse.ArgumentParser) -> None:
+    from .policies import ALLOCATIONS, POLICIES
+
+    parser.add_argument("--kv-policy", default="full", choices=list(POLICIES), help="KV-cache eviction policy")
+    parser.add_argument("--kv-budget", type=int, default=None, help="entries kept per layer and KV head")
+    parser.add_argument("--kv-keep-ratio", type=float, default=None, help="or: share of the processed tokens kept")
+    parser.add_argument("--kv-allocation", default="uniform", choices=ALLOCATIONS)
+    parser.add_argument("--kv-decode-interval", type=int, default=None, help="also compress every N decode steps")
+
+
+def _kv_policy(args):
+    from .config import KVPolicyConfig
+
+    try:
+        return KVPolicyConfig(
+            args.kv_policy, budget=args.kv_budget, keep_ratio=args.kv_keep_ratio, allocation=args.kv_allocation,
+            decode_interval=args.kv_decode_interval,
+        )
+    except ValueError as exc:
+        raise TokensieveError(str(exc)) from None
+
+
 def _sampling_params(args):
     from .sampling_params import SamplingParams
 
@@ -45,7 +68,7 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device)
+    return LLM(args.model, dtype=args.dtype, device=args.device, kv_policy=_kv_policy(args))
 
 
 def _stream(llm, prompt, params, show_stats: bool) -> str:
@@ -102,6 +125,12 @@ def cmd_chat(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.bench == "longctx":
+        from .bench.longctx import run_longctx_benchmark
+
+        args.command_line = "tokensieve " + " ".join(sys.argv[1:])
+        run_longctx_benchmark(args)
+        return
     from .bench.speed import run_speed_benchmark
 
     run_speed_benchmark(args)
@@ -116,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     _add_model_options(gen)
     _add_sampling_options(gen)
+    _add_kv_policy_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
     chat.add_argument("--system", default=None, help="system message")
     _add_model_options(chat)
     _add_sampling_options(chat)
+    _add_kv_policy_options(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -138,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="plain PyTorch only (to measure what the C++ kernels bring)")
     speed.add_argument("--json", default=None, help="also write the results to this file")
     speed.set_defaults(func=cmd_bench, threads=2)
+    add_longctx_parser(bench_sub, _add_model_options)
+    bench_sub.choices["longctx"].set_defaults(func=cmd_bench)
     return parser
 
 

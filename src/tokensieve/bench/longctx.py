@@ -1,0 +1,103 @@
+"""`tokensieve bench longctx`: accuracy, speed and memory of KV policies on long-context tasks,
+beside transformers with a full cache and kvpress's presses, on the same cases in one run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ..config import DTYPES, KVPolicyConfig
+from .longctx_report import summarize, write_markdown, write_plot
+from .longctx_systems import OursSystem, TransformersSystem, score
+from .longctx_tasks import CaseMaker
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory since the last reset_peak_rss() (Linux), else None."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def reset_peak_rss() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _kvpress_available() -> bool:
+    try:
+        import kvpress  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_systems(args, llm, hf_model):
+    systems = [OursSystem(llm, KVPolicyConfig("full"), args.query_aware)]
+    for name in args.policies:
+        for ratio in args.keep_ratios:
+            config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation)
+            systems.append(OursSystem(llm, config, args.query_aware))
+    if hf_model is not None:
+        systems.append(TransformersSystem(hf_model, llm.tokenizer, None, None, args.query_aware))
+        for press in args.presses:
+            for ratio in args.keep_ratios:
+                systems.append(TransformersSystem(hf_model, llm.tokenizer, press, ratio, args.query_aware))
+    return systems
+
+
+def run_longctx_benchmark(args) -> dict:
+    from tqdm import tqdm
+
+    from ..llm import LLM
+    from .hf_baseline import load_hf_model
+
+    torch.set_num_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes)
+    hf_model = None if args.no_transformers else load_hf_model(args.model, DTYPES[args.dtype])
+    if hf_model is None:
+        args.presses = []
+    elif args.presses and not _kvpress_available():
+        print("kvpress is not installed (pip install 'tokensieve[kvpress]'): its presses are skipped")
+        args.presses = []
+    maker = CaseMaker(llm.tokenizer, args.seed)
+    cases = [maker.make(t, n, i) for n in args.lengths for t in args.tasks for i in range(args.cases)]
+    systems = build_systems(args, llm, hf_model)
+    rows = []
+    started = time.perf_counter()
+    with tqdm(total=len(cases) * len(systems), desc="bench longctx", unit="case") as progress:
+        for case in cases:  # every system on a case before the next: slow drift of the machine hits all alike
+            for system in systems:
+                progress.set_postfix_str(f"{case.task}@{case.length} {system.system}:{system.label}")
+                reset_peak_rss()
+                answer = system.answer(case)
+                rows.append({
+                    "system": system.system, "method": system.label, "task": case.task, "length": case.length,
+                    "case": case.index, "prompt_tokens": len(case.context_ids) + len(case.question_ids),
+                    "score": None if answer.perplexity is not None else score(case, answer),
+                    **asdict(answer), "peak_rss_bytes": peak_rss_bytes(),
+                })
+                progress.update()
+    result = {
+        "command": args.command_line,
+        "setting": "query-aware" if args.query_aware else "query-agnostic",
+        "model": args.model, "threads": args.threads, "seed": args.seed, "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1),
+        "summary": summarize(rows), "cases": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "longctx.json").write_text(json.dumps(result, indent=1))
+    write_markdown(result, out / "longctx.md")
+    write_plot(result, out / "longctx.png")
+    print((out / "longctx.md").read_text())
+    return result

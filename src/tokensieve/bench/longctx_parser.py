@@ -1,0 +1,27 @@
+"""Command-line options of `tokensieve bench longctx`."""
+
+from __future__ import annotations
+
+from ..policies import ALLOCATIONS, POLICIES
+from .longctx_systems import KVPRESS_CLASSES
+from .longctx_tasks import TASKS
+
+
+def add_longctx_parser(bench_sub, add_model_options) -> None:
+    parser = bench_sub.add_parser("longctx", help="KV policies on long-context tasks beside transformers and kvpress")
+    add_model_options(parser)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt tokens")
+    parser.add_argument("--cases", type=int, default=30, help="cases per task and length")
+    parser.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p != "full"], choices=list(POLICIES))
+    parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.5], help="share of the context kept")
+    parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    parser.add_argument("--presses", nargs="*", default=list(KVPRESS_CLASSES), choices=list(KVPRESS_CLASSES),
+                        help="kvpress presses to run beside ours (when kvpress is installed)")
+    parser.add_argument("--query-aware", action="store_true",
+                        help="compress after the question is seen (default: query-agnostic, the question comes after)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers and kvpress")
+    parser.add_argument("--kv-cache-bytes", type=int, default=2 * 1024**3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/longctx", help="folder for longctx.json, .md and .png")
+    parser.set_defaults(threads=2)

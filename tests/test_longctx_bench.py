@@ -1,0 +1,63 @@
+"""`bench longctx`: seeded cases of the requested length with their answers inside, scoring, the
+Pareto front, and a small end-to-end run that writes JSON, Markdown and a PNG."""
+
+import json
+
+import pytest
+
+from tokensieve.bench.longctx_report import pareto_front
+from tokensieve.bench.longctx_systems import Answer, score
+from tokensieve.bench.longctx_tasks import PERPLEXITY_TOKENS, TASKS, Case, CaseMaker
+from tokensieve.cli import main
+
+
+@pytest.fixture(scope="module")
+def maker(llm):
+    return CaseMaker(llm.tokenizer, seed=0)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_cases_have_the_requested_length_and_hold_their_answers(maker, llm, task):
+    case = maker.make(task, 2048, 0)
+    total = len(case.context_ids) + len(case.question_ids)
+    assert 0.9 * 2048 <= total <= 2048
+    context = llm.tokenizer.decode(case.context_ids)
+    if task == "perplexity":
+        assert len(case.question_ids) == PERPLEXITY_TOKENS and not case.answers
+    else:
+        assert case.answers and all(answer in context for answer in case.answers)
+    again = maker.make(task, 2048, 0)
+    assert again.context_ids == case.context_ids and again.question_ids == case.question_ids
+    assert maker.make(task, 2048, 1).context_ids != case.context_ids
+
+
+def test_unknown_task_is_a_clear_error(maker):
+    with pytest.raises(ValueError, match="unknown long-context task 'sudoku'"):
+        maker.make("sudoku", 2048, 0)
+
+
+def test_score_counts_whole_answers_only():
+    case = Case("niah_multivalue", 2048, 0, [], [], answers=["1234567", "7654321"])
+    assert score(case, Answer("The numbers are 1234567 and 17654321.", None, 1.0, None, 0, None)) == 0.5
+
+
+def test_pareto_front_keeps_points_nothing_beats():
+    points = [(10, 0.5), (20, 0.4), (30, 0.9), (5, 0.1), (30, 0.2)]
+    assert pareto_front(points) == [(5, 0.1), (10, 0.5), (30, 0.9)]
+
+
+def test_bench_longctx_end_to_end_writes_json_markdown_and_plot(tmp_path):
+    code = main([
+        "bench", "longctx", "--tasks", "niah_single", "perplexity", "--lengths", "640", "--cases", "1",
+        "--policies", "streaming_llm", "--keep-ratios", "0.5", "--no-transformers", "--out", str(tmp_path),
+    ])
+    assert code == 0
+    result = json.loads((tmp_path / "longctx.json").read_text())
+    assert result["setting"] == "query-agnostic"
+    methods = {(row["method"], row["task"]) for row in result["cases"]}
+    assert methods == {(m, t) for m in ("full@all", "streaming_llm@0.5x") for t in ("niah_single", "perplexity")}
+    full_kv = next(r for r in result["cases"] if r["method"] == "full@all" and r["task"] == "niah_single")["kv_bytes"]
+    half_kv = next(r for r in result["cases"] if r["method"] != "full@all" and r["task"] == "niah_single")["kv_bytes"]
+    assert half_kv < 0.7 * full_kv  # half the context evicted: the pool really holds less
+    assert "## niah_single, 640 tokens" in (tmp_path / "longctx.md").read_text()
+    assert (tmp_path / "longctx.png").read_bytes()[:4] == b"\x89PNG"
