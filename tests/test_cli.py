@@ -39,3 +39,17 @@ def test_bad_arguments_give_a_clear_error(capsys):
 def test_invalid_sampling_value_is_reported(shared_model, capsys):
     assert cli.main(["generate", "hi", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_kv_policy_options_are_checked_before_loading(capsys):
+    assert cli.main(["generate", "hi", "--kv-policy", "h2o"]) == 2
+    assert "needs exactly one of budget or keep_ratio" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "hi", "--kv-policy", "lru"])
+    assert "invalid choice: 'lru'" in capsys.readouterr().err
+
+
+def test_kv_policy_options_build_the_policy_config():
+    args = cli.build_parser().parse_args(["generate", "x", "--kv-policy", "snapkv", "--kv-budget", "64", "--kv-allocation", "pyramid"])
+    config = cli._kv_policy(args)
+    assert (config.name, config.budget, config.allocation) == ("snapkv", 64, "pyramid")

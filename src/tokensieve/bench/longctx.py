@@ -62,7 +62,10 @@ def run_longctx_benchmark(args) -> dict:
     from .hf_baseline import load_hf_model
 
     torch.set_num_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes)
+    llm = LLM(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+        prefill_chunk_size=args.prefill_chunk_size, max_batched_tokens=max(2048, args.prefill_chunk_size),
+    )
     hf_model = None if args.no_transformers else load_hf_model(args.model, DTYPES[args.dtype])
     if hf_model is None:
         args.presses = []
@@ -73,8 +76,11 @@ def run_longctx_benchmark(args) -> dict:
     cases = [maker.make(t, n, i) for n in args.lengths for t in args.tasks for i in range(args.cases)]
     systems = build_systems(args, llm, hf_model)
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = (out / "longctx_cases.jsonl").open("w")  # every case as soon as it is done: a long run can be cut short
     started = time.perf_counter()
-    with tqdm(total=len(cases) * len(systems), desc="bench longctx", unit="case") as progress:
+    with partial, tqdm(total=len(cases) * len(systems), desc="bench longctx", unit="case") as progress:
         for case in cases:  # every system on a case before the next: slow drift of the machine hits all alike
             for system in systems:
                 progress.set_postfix_str(f"{case.task}@{case.length} {system.system}:{system.label}")
@@ -86,16 +92,16 @@ def run_longctx_benchmark(args) -> dict:
                     "score": None if answer.perplexity is not None else score(case, answer),
                     **asdict(answer), "peak_rss_bytes": peak_rss_bytes(),
                 })
+                partial.write(json.dumps(rows[-1]) + "\n")
+                partial.flush()
                 progress.update()
     result = {
         "command": args.command_line,
         "setting": "query-aware" if args.query_aware else "query-agnostic",
-        "model": args.model, "threads": args.threads, "seed": args.seed, "machine": platform.processor() or platform.machine(),
+        "model": args.model, "threads": args.threads, "prefill_chunk_size": args.prefill_chunk_size, "seed": args.seed, "machine": platform.processor() or platform.machine(),
         "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1),
         "summary": summarize(rows), "cases": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "longctx.json").write_text(json.dumps(result, indent=1))
     write_markdown(result, out / "longctx.md")
     write_plot(result, out / "longctx.png")

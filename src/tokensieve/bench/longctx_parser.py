@@ -21,6 +21,8 @@ def add_longctx_parser(bench_sub, add_model_options) -> None:
     parser.add_argument("--query-aware", action="store_true",
                         help="compress after the question is seen (default: query-agnostic, the question comes after)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers and kvpress")
+    parser.add_argument("--prefill-chunk-size", type=int, default=2048,
+                        help="our engine compresses after every chunk: peak KV is the budget plus one chunk")
     parser.add_argument("--kv-cache-bytes", type=int, default=2 * 1024**3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/longctx", help="folder for longctx.json, .md and .png")

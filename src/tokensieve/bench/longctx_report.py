@@ -50,6 +50,7 @@ def write_markdown(result: dict, path: Path) -> None:
         f"# bench longctx ({result['setting']})", "",
         f"`{result['command']}`", "",
         f"model {result['model']}, {result['threads']} threads, seed {result['seed']}, torch {result['torch']}, "
+        f"prefill chunk {result['prefill_chunk_size']} tokens (ours compresses after each), "
         f"{result['seconds']} s in all. KV x full: KV bytes held while decoding over transformers' full cache on "
         "the same case. Decode x HF: decode tokens/s over transformers' full cache in the same run.", "",
     ]

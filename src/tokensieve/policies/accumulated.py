@@ -51,6 +51,6 @@ class Keyformer(H2O):
         self.tau = tau
 
     def attention_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        uniform = torch.rand(logits.shape, generator=self.generator).to(logits.device).clamp_(1e-10, 1.0)
-        gumbel = -torch.log(-torch.log(uniform))
+        exponential = torch.empty(logits.shape).exponential_(generator=self.generator).to(logits.device)
+        gumbel = -exponential.log_()  # -log(E) with E ~ Exp(1) is Gumbel(0, 1)
         return torch.softmax((logits + gumbel) / self.tau, dim=-1)
