@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install
+.PHONY: demo test bench bench-longctx install
 
 install: $(STAMP)
 
@@ -26,3 +26,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/tokensieve bench speed --threads 2
+
+# KV policies beside transformers and kvpress (kvpress pins transformers < 5.3 in this venv)
+bench-longctx: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench,kvpress]'
+	$(VENV)/bin/tokensieve bench longctx --tasks niah_single --lengths 4096 --cases 10 --keep-ratios 0.25 \
+		--out benchmarks/longctx-4k-niah

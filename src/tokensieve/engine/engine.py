@@ -78,7 +78,7 @@ class LLMEngine:
             request_id, list(prompt_token_ids), params, next(self._arrivals),
             generator=torch.Generator(self.device).manual_seed(seed),
             want_prompt_logits=want_prompt_logits,
-            compress_len=compress_len,
+            compress_len=(compress_len or len(prompt_token_ids)) if self.compressor else None,
         )
         self._sequences[request_id] = seq
         self._texts[request_id] = OutputText(self.tokenizer, seq.prompt_token_ids, params.stop)

@@ -79,9 +79,10 @@ class Scheduler:
         return out
 
     def _chunk_size(self, seq: Sequence, budget: int) -> int:
-        """Tokens of `seq` for this step; a chunk never crosses from a compressed context into its question."""
+        """Tokens of `seq` for this step. A chunk never crosses the end of the part a KV policy compresses
+        (the context before its question, or a preempted sequence's prompt before its output)."""
         num_tokens = min(seq.num_unprocessed, budget, self.prefill_chunk_size)
-        if seq.num_processed < seq.compress_len < seq.num_prompt_tokens:
+        if seq.compress_len is not None and seq.num_processed < seq.compress_len < len(seq.token_ids):
             num_tokens = min(num_tokens, seq.compress_len - seq.num_processed)
         return num_tokens
 

@@ -32,7 +32,7 @@ class Sequence:
     want_prompt_logits: bool = False
     prompt_logits: list[Any] = field(default_factory=list)
     num_preemptions: int = 0
-    compress_len: int | None = None  # leading prompt tokens a KV policy compresses while prefilling (default: all)
+    compress_len: int | None = None  # leading prompt tokens the KV policy compresses while prefilling (None: no policy)
     kv_attention: list[Any] | None = None  # per layer: attention each stored entry received, if the policy asks
     forwards_since_compression: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
@@ -42,8 +42,6 @@ class Sequence:
     def __post_init__(self):
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
-        if self.compress_len is None:
-            self.compress_len = len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
