@@ -174,6 +174,8 @@ def test_compressor_evicts_to_budget_and_in_use_bytes_drop_by_the_evicted_entrie
         for head in range(3):
             assert stored_positions(seq, pool, layer, head) == [0, 1, 7, 8, 9, 10]
     assert manager.num_used_blocks == 2 * 3 * 2
+    # equal lengths, yet each (layer, head) chose its own entries: attention must not share one mask
+    assert not seq.block_table.layers_aligned()
 
 
 def test_recorded_attention_sums_query_heads_of_a_kv_head_and_follows_compaction():

@@ -15,6 +15,7 @@ class BlockTable:
         self.blocks = np.zeros((num_layers, num_kv_heads, 4), dtype=np.int64)  # grows by doubling
         self.num_blocks = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
         self.lengths = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # stored entries
+        self.compacted = False  # a policy chose entries per (layer, head): entry i may differ between layers
 
     def blocks_needed(self, num_new: int) -> np.ndarray:
         """Blocks each (layer, head) must gain to store `num_new` more entries."""
@@ -66,11 +67,12 @@ class BlockTable:
         freed = self.blocks[(index >= new_num_blocks[..., None]) & (index < self.num_blocks[..., None])].tolist()
         self.lengths = counts.astype(np.int64)
         self.num_blocks = new_num_blocks.astype(np.int64)
+        self.compacted = True
         return source, destination, freed
 
     def layers_aligned(self) -> bool:
-        """True while every (layer, head) holds the same number of entries (nothing evicted unevenly)."""
-        return bool((self.lengths == self.lengths.flat[0]).all())
+        """True while every (layer, head) holds the same entries in the same places (nothing evicted)."""
+        return not self.compacted and bool((self.lengths == self.lengths.flat[0]).all())
 
     def all_block_ids(self) -> list[int]:
         keep = np.arange(self.blocks.shape[2]) < self.num_blocks[:, :, None]
@@ -79,6 +81,7 @@ class BlockTable:
     def clear(self) -> None:
         self.num_blocks[:] = 0
         self.lengths[:] = 0
+        self.compacted = False
 
     def padded_blocks(self, width: int) -> np.ndarray:
         """Block ids [layers, heads, width], padded with block 0 (masked out by the lengths)."""

@@ -63,10 +63,8 @@ class KVCompressor:
         if seq.kv_attention is None:
             seq.kv_attention = [None] * self.block_manager.num_layers
         previous = seq.kv_attention[layer]
-        if previous is not None and first_query == 0 and policy.accumulate:
-            previous = previous * policy.decay**num_queries
-        elif first_query == 0:
-            previous = None  # a policy that looks at the latest queries only forgets the older ones
+        if first_query == 0 and previous is not None:  # a new forward: decay the record, or forget it
+            previous = previous * policy.decay**num_queries if policy.accumulate else None
         seq.kv_attention[layer] = contribution if previous is None else _add_padded(previous, contribution)
 
     # ---- compression (called after the forward) --------------------------------------------

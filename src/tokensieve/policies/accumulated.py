@@ -40,7 +40,9 @@ class A2SF(H2O):
 
 class Keyformer(H2O):
     """H2O with a Gumbel-regularised score: the accumulated softmax of attention logits plus Gumbel
-    noise, at temperature `tau`, and a recent window."""
+    noise, at temperature `tau`, and a recent window. The noise is drawn per (query head, key), as
+    the paper's zeta_i is indexed by the key, and shared by the queries of one forward: noise for
+    every (query, key) pair of a long prefill would cost more than the attention itself."""
 
     name = "keyformer"
 
@@ -51,6 +53,7 @@ class Keyformer(H2O):
         self.tau = tau
 
     def attention_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        exponential = torch.empty(logits.shape).exponential_(generator=self.generator).to(logits.device)
-        gumbel = -exponential.log_()  # -log(E) with E ~ Exp(1) is Gumbel(0, 1)
+        shape = logits.shape[:-2] + (1, logits.shape[-1])
+        uniform = torch.rand(shape, generator=self.generator).clamp_(min=1e-10).to(logits.device)
+        gumbel = -torch.log(-torch.log(uniform))
         return torch.softmax((logits + gumbel) / self.tau, dim=-1)

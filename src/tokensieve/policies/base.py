@@ -40,7 +40,7 @@ class KVPolicy:
 
     name: ClassVar[str]
     evicts: ClassVar[bool] = True
-    observed_queries: ClassVar[int | None] = 0  # latest queries per forward whose attention is recorded; None: all
+    observed_queries: int | None = 0  # latest queries per forward whose attention is recorded; None: all
     accumulate: ClassVar[bool] = False  # add each forward's attention to the record instead of replacing it
     decay: float = 1.0  # with accumulate: the record is multiplied by this once per query
 
