@@ -80,7 +80,7 @@ def test_long_prefill_never_holds_more_than_budget_plus_one_chunk(llm):
         schedule_blocks = engine.block_manager
         engine.step()
         most_blocks = max(most_blocks, schedule_blocks.peak_used_blocks)
-        seq = engine._sequences[request_id]
+        seq = engine.sequence(request_id)
         if seq.block_table is not None:
             most_entries = max(most_entries, int(seq.block_table.lengths.max()))
     cfg = engine.model.config
@@ -99,7 +99,7 @@ def test_query_agnostic_compresses_the_context_only_and_keeps_the_question(llm):
     token_ids, compress_len = policy_llm._encode_request({"context": context, "question": question})
     assert 0 < compress_len < len(token_ids)
     request_id = engine.add_request(token_ids, SamplingParams(max_tokens=2, temperature=0), compress_len=compress_len)
-    seq = engine._sequences[request_id]
+    seq = engine.sequence(request_id)
     chunk_ends = []
     while engine.has_unfinished():
         engine.step()
@@ -120,7 +120,7 @@ def test_decode_interval_keeps_a_generating_sequence_near_its_budget(llm):
     policy_llm = llm.with_options(kv_policy=config, kv_cache_bytes=256 * 1024**2)
     engine = policy_llm.engine
     request_id = engine.add_request(llm.encode(ARTICLE * 2), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-    seq = engine._sequences[request_id]
+    seq = engine.sequence(request_id)
     most = 0
     while engine.has_unfinished():
         engine.step()

@@ -94,7 +94,7 @@ class OursSystem:
             want_prompt_logits=True, compress_len=len(case.context_ids),
         )
         try:
-            seq, context_peak_blocks = engine._sequences[request_id], 0
+            seq, context_peak_blocks = engine.sequence(request_id), 0
             while engine.has_unfinished():
                 if seq.num_processed == len(case.context_ids):  # the context is in, compressed
                     context_peak_blocks = manager.peak_used_blocks

@@ -119,6 +119,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def sequence(self, request_id: str) -> Sequence:
+        """The engine's state of a request (progress, KV layout), for inspection."""
+        return self._sequences[request_id]
+
     def prompt_logits(self, request_id: str) -> torch.Tensor:
         """All prompt-position logits [prompt tokens, vocab] of a finished want_prompt_logits request."""
         seq = self._sequences[request_id]
