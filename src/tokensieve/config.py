@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .policies import ALLOCATIONS, make_policy
+from .policies import ALLOCATIONS, POLICIES, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +38,10 @@ class KVPolicyConfig:
             raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.decode_interval is not None and self.decode_interval < 1:
             raise ValueError(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
+
+    @property
+    def evicts(self) -> bool:
+        return POLICIES[self.name].evicts
 
     @property
     def label(self) -> str:

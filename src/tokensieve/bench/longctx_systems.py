@@ -139,13 +139,12 @@ class TransformersSystem:
         start = time.perf_counter()
         with self.press(model) if self.press is not None else contextlib.nullcontext():
             hidden = model.model(input_ids=torch.tensor([context]), past_key_values=cache).last_hidden_state
+        positions = torch.arange(len(context), len(context) + len(question)).unsqueeze(0)
         if not case.answers:  # perplexity of the continuation, after the (compressed) context
-            positions = torch.arange(len(context), len(context) + len(question)).unsqueeze(0)
             logits = model(input_ids=torch.tensor([question]), past_key_values=cache, position_ids=positions).logits[0]
             ppl = _perplexity(logits[:-1], question[1:])
             return Answer(None, ppl, time.perf_counter() - start, None, self._cache_bytes(cache), None)
         if question:
-            positions = torch.arange(len(context), len(context) + len(question)).unsqueeze(0)
             logits = model(
                 input_ids=torch.tensor([question]), past_key_values=cache, position_ids=positions, logits_to_keep=1
             ).logits[0, -1]

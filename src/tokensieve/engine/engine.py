@@ -44,7 +44,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size)
         policy = config.kv_policy
-        self.compressor = KVCompressor(policy, self.pool, self.block_manager) if policy and policy.name != "full" else None
+        self.compressor = KVCompressor(policy, self.pool, self.block_manager) if policy and policy.evicts else None
         self.runner = ModelRunner(self.model, self.pool, self.kernels, self.compressor)
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

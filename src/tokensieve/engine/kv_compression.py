@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from ..config import KVPolicyConfig
 from ..policies import EntryView, keep_mask, layer_budgets, make_policy, ratio_budget
@@ -15,25 +16,14 @@ from .kv_pool import KVPool
 from .sequence import Sequence
 
 
-def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a + b over the last dim, the shorter one padded with zeros."""
-    if a.shape[-1] < b.shape[-1]:
-        a, b = b, a
-    a = a.clone()
-    a[..., : b.shape[-1]] += b
-    return a
-
-
-def _fit(record: torch.Tensor | None, width: int, shape: tuple[int, ...], device) -> torch.Tensor:
-    """A per-layer record [heads, *] cut or zero-padded to `width` entries."""
-    out = torch.zeros(shape + (width,), device=device)
-    if record is not None:
-        used = min(width, record.shape[-1])
-        out[..., :used] = record[..., :used]
-    return out
+def _fit(record: torch.Tensor, width: int) -> torch.Tensor:
+    """A record [heads, entries] cut or zero-padded to `width` entries."""
+    return F.pad(record, (0, width - record.shape[-1])) if record.shape[-1] < width else record[..., :width]
 
 
 class KVCompressor:
+    """Made by the engine only for a policy that evicts."""
+
     def __init__(self, config: KVPolicyConfig, pool: KVPool, block_manager: BlockManager):
         self.config = config
         self.policy = make_policy(config.name, config.options, config.seed)
@@ -44,7 +34,7 @@ class KVCompressor:
     # ---- observation (called from inside the forward) ----------------------------------------
     def observer(self, seq: Sequence, num_tokens: int):
         """The callback that records this forward's attention for `seq`, or None if none is needed."""
-        if not self.policy.evicts or self.policy.observed_queries == 0:
+        if self.policy.observed_queries == 0:
             return None
         in_compressed_prompt = seq.num_processed + num_tokens <= seq.compress_len
         if not in_compressed_prompt and self.config.decode_interval is None:
@@ -65,14 +55,15 @@ class KVCompressor:
         previous = seq.kv_attention[layer]
         if first_query == 0 and previous is not None:  # a new forward: decay the record, or forget it
             previous = previous * policy.decay**num_queries if policy.accumulate else None
-        seq.kv_attention[layer] = contribution if previous is None else _add_padded(previous, contribution)
+        if previous is not None:
+            width = max(previous.shape[-1], contribution.shape[-1])
+            contribution = _fit(previous, width) + _fit(contribution, width)
+        seq.kv_attention[layer] = contribution
 
     # ---- compression (called after the forward) --------------------------------------------
     def after_forward(self, seq: Sequence) -> None:
         """Compress `seq` when its policy is due: after a chunk of the compressed part of the prompt,
         or after every `decode_interval` forwards beyond it."""
-        if not self.policy.evicts:
-            return
         if seq.num_processed <= seq.compress_len:
             self.compress(seq)
         elif self.config.decode_interval is not None:
@@ -100,9 +91,10 @@ class KVCompressor:
         positions = self.pool.positions[blocks].flatten(-2)  # [layers, heads, entries]
         width = positions.shape[-1]
         attention = None
-        if self.policy.observed_queries != 0:
-            records = seq.kv_attention or [None] * len(lengths)
-            attention = torch.stack([_fit(r, width, lengths.shape[1:], device) for r in records])
+        if self.policy.observed_queries != 0:  # every layer is observed in the same forwards: all or none recorded
+            attention = positions.new_zeros(positions.shape, dtype=torch.float32) if seq.kv_attention is None else (
+                torch.stack([_fit(record, width) for record in seq.kv_attention])
+            )
         view = EntryView(attention, positions, lengths.to(device), budgets.to(device))
         keep = keep_mask(self.policy.scores(view), view.lengths, view.budgets, self.config.allocation)
         source, destination = self.block_manager.compact(table, keep.cpu().numpy())

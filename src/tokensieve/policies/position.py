@@ -11,10 +11,7 @@ class FullCache(KVPolicy):
     """Keeps everything: the reference every other policy is measured against."""
 
     name = "full"
-    evicts = False
-
-    def scores(self, view: EntryView) -> torch.Tensor:
-        return torch.zeros_like(view.positions, dtype=torch.float32)
+    evicts = False  # the engine runs no compression at all for it
 
 
 class RandomEviction(KVPolicy):
