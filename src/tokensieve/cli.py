@@ -40,6 +40,25 @@ def _add_kv_policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-decode-interval", type=int, default=None, help="also compress every N decode steps")
 
 
+def _add_speculative_options(parser: argparse.ArgumentParser) -> None:
+    from .config import DRAFTERS
+
+    parser.add_argument("--speculative", action="store_true", help="model-free speculative decoding (lossless)")
+    parser.add_argument("--drafters", default=",".join(DRAFTERS), help=f"comma-separated, of: {', '.join(DRAFTERS)}")
+    parser.add_argument("--max-draft-nodes", type=int, default=32, help="drafted tokens per forward, at most")
+
+
+def _speculative(args):
+    from .config import SpeculativeConfig
+
+    if not args.speculative:
+        return None
+    try:
+        return SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_draft_nodes)
+    except ValueError as exc:
+        raise TokensieveError(str(exc)) from None
+
+
 def _kv_policy(args):
     from .config import KVPolicyConfig
 
@@ -68,7 +87,7 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device, kv_policy=_kv_policy(args))
+    return LLM(args.model, dtype=args.dtype, device=args.device, kv_policy=_kv_policy(args), speculative=_speculative(args))
 
 
 def _stream(llm, prompt, params, show_stats: bool) -> str:
@@ -125,6 +144,12 @@ def cmd_chat(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    if args.bench == "spec":
+        from .bench.spec import run_spec_benchmark
+
+        args.command_line = "tokensieve " + " ".join(sys.argv[1:])
+        run_spec_benchmark(args)
+        return
     if args.bench == "longctx":
         from .bench.longctx import run_longctx_benchmark
 
@@ -146,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(gen)
     _add_sampling_options(gen)
     _add_kv_policy_options(gen)
+    _add_speculative_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
@@ -153,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(chat)
     _add_sampling_options(chat)
     _add_kv_policy_options(chat)
+    _add_speculative_options(chat)
     chat.set_defaults(func=cmd_chat)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -171,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     speed.set_defaults(func=cmd_bench, threads=2)
     add_longctx_parser(bench_sub, _add_model_options)
     bench_sub.choices["longctx"].set_defaults(func=cmd_bench)
+    spec = bench_sub.add_parser("spec", help="speculative decoding on Spec-Bench beside plain decoding and HF prompt lookup")
+    _add_model_options(spec)
+    from .bench.spec import QUESTIONS
+    from .config import DRAFTERS
+
+    spec.add_argument("--questions", default=str(QUESTIONS), help="Spec-Bench question.jsonl")
+    spec.add_argument("--per-category", type=int, default=10, help="prompts per category (the first ones)")
+    spec.add_argument("--max-tokens", type=int, default=256)
+    spec.add_argument("--drafters", default=",".join(DRAFTERS))
+    spec.add_argument("--max-nodes", type=int, default=32)
+    spec.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens")
+    spec.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
+    spec.add_argument("--out", default="benchmarks/spec", help="folder for spec.json, spec.md and spec_cases.jsonl")
+    spec.set_defaults(func=cmd_bench, threads=2)
     return parser
 
 

@@ -49,6 +49,41 @@ class KVPolicyConfig:
         return f"{self.name}@{size}" + ("" if self.allocation == "uniform" else f"/{self.allocation}")
 
 
+DRAFTERS = ("lookup", "recycling", "lookahead")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Model-free speculative decoding: which drafters feed the draft tree, and how big it may get.
+    With `tune`, each step keeps the nodes (up to max_nodes) that maximise expected tokens per second
+    under the forward latency measured on this machine; without, it always keeps max_nodes."""
+
+    drafters: tuple[str, ...] = DRAFTERS
+    max_nodes: int = 32  # drafted nodes per sequence and forward, at most
+    max_depth: int = 8
+    tune: bool = True
+    lookup_max_ngram: int = 3
+    recycling_top_k: int = 8
+    recycling_seed_tokens: int = 512  # the prompt's last tokens whose logits seed the successor matrix
+    lookahead_ngram: int = 4
+    lookahead_width: int = 4
+
+    def __post_init__(self):
+        if isinstance(self.drafters, str):
+            self.drafters = tuple(name.strip() for name in self.drafters.split(",") if name.strip())
+        self.drafters = tuple(self.drafters)
+        unknown = [name for name in self.drafters if name not in DRAFTERS]
+        if unknown or not self.drafters:
+            raise ValueError(f"unknown drafter {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(DRAFTERS)}")
+        for name in ("max_nodes", "max_depth", "lookup_max_ngram", "recycling_top_k", "lookahead_width"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.recycling_seed_tokens, int) or self.recycling_seed_tokens < 0:
+            raise ValueError(f"recycling_seed_tokens must be an integer >= 0, got {self.recycling_seed_tokens!r}")
+        if not isinstance(self.lookahead_ngram, int) or self.lookahead_ngram < 2:
+            raise ValueError(f"lookahead_ngram must be an integer >= 2, got {self.lookahead_ngram!r}")
+
+
 @dataclass
 class EngineConfig:
     dtype: str = "float32"
@@ -63,6 +98,8 @@ class EngineConfig:
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
     kv_policy: KVPolicyConfig | None = None  # KV-cache eviction (None: keep everything)
+    speculative: SpeculativeConfig | None = None  # speculative decoding for every request (None: only
+    # for requests whose SamplingParams ask for it, with the default settings)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -75,6 +112,8 @@ class EngineConfig:
         torch.device(self.device)  # raises on a malformed device string
         if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
             raise ValueError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
 
     @property
     def wants_native_kernels(self) -> bool:

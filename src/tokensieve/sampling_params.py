@@ -19,6 +19,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    speculate: bool | None = None  # speculative decoding: None follows the engine, True/False force it
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -33,6 +34,7 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
+            (self.speculate in (None, True, False), f"speculate must be None, True or False, got {self.speculate!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,6 +6,10 @@ holds. Decoding sequences (one query each) are attended together; each prefill c
 Visibility comes from the positions stored with the entries: a query at position p sees the
 entries computed at positions <= p (and > p - window with a sliding window).
 
+A speculating sequence adds several rows to the decode group, one per node of its verification
+block; they attend together over its block table, and the block's own entries (the table's last
+ones) that a row may not see (nodes outside its ancestry) are listed in `DecodeGroup.hidden`.
+
 A KV policy that needs attention gets it through an observer: after attending, the scaled q.k
 logits of the observed queries over the sequence's stored entries are handed to it, per layer.
 """
@@ -29,13 +33,29 @@ OBSERVED_QUERIES_PER_SLICE = 256  # bounds the logits held at once while observi
 
 @dataclass
 class DecodeGroup:
-    """Sequences that process one token each; their tokens are rows 0..batch-1."""
+    """Decoding sequences, rows 0..rows-1 of the flat batch: one row each, or one per node of a
+    verification block. A sequence's rows (its "slots") attend together, as extra query heads of
+    the same KV heads, so its cache is read once however many nodes it verifies."""
 
-    block_tables: torch.Tensor  # [layers, batch, kv_heads, blocks]
-    lengths: torch.Tensor  # [layers, batch, kv_heads] entries after this step's write
-    query_positions: torch.Tensor  # [batch]
+    block_tables: torch.Tensor  # [layers, seqs, kv_heads, blocks]
+    lengths: torch.Tensor  # [layers, seqs, kv_heads] entries after this step's write
+    query_positions: torch.Tensor  # [seqs, slots]
+    row_of_slot: torch.Tensor  # [seqs, slots]: the flat row of each slot (padding repeats the first)
+    slot_of_row: torch.Tensor | None  # [rows]: seq * slots + slot of each row (None: one slot per sequence)
     layers_aligned: bool  # every layer holds the same entries at the same places: one mask serves all
-    observers: dict[int, Observer] = field(default_factory=dict)  # by row: who records that query's attention
+    observers: dict[int, Observer] = field(default_factory=dict)  # by sequence: who records its first slot's attention
+    hidden: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (seq, slot, entries before the end) it may not see
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_of_slot.shape[0] if self.slot_of_row is None else self.slot_of_row.shape[0]
+
+    def hidden_entries(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """Index arrays (seq, kv head, slot, entry), each [pairs, kv_heads], of the entries hidden in `layer`."""
+        seqs, slots, from_end = self.hidden
+        entries = self.lengths[layer][seqs] - from_end.unsqueeze(-1)
+        heads = torch.arange(entries.shape[-1], device=entries.device).expand_as(entries)
+        return seqs.unsqueeze(-1).expand_as(entries), heads, slots.unsqueeze(-1).expand_as(entries), entries
 
 
 @dataclass
@@ -88,8 +108,8 @@ class PagedAttention:
             return self._attend_decode(layer, q)
         out = torch.empty_like(q)
         if self.decode is not None:
-            batch = self.decode.query_positions.shape[0]
-            out[:batch] = self._attend_decode(layer, q[:batch])
+            rows = self.decode.num_rows
+            out[:rows] = self._attend_decode(layer, q[:rows])
         for chunk in self.prefills:
             rows = slice(chunk.start, chunk.end)
             out[rows] = self._attend_prefill(layer, chunk, q[rows], k[rows], v[rows])
@@ -129,42 +149,71 @@ class PagedAttention:
         return visible
 
     def _decode_mask(self, layer: int) -> torch.Tensor:
-        """[batch, kv_heads, 1, entries]: which gathered entries each decoding sequence sees."""
+        """[seqs, kv_heads, slots, entries]: which gathered entries each slot of each sequence sees."""
         group = self.decode
         lengths = group.lengths[layer]
         if self.sliding_window is None:  # every stored entry precedes the query
             entries = group.block_tables.shape[-1] * self.pool.block_size
-            stored = torch.arange(entries, device=lengths.device) < lengths.unsqueeze(-1)
-            return stored.unsqueeze(-2)
-        entry_positions = self._entry_positions(group.block_tables[layer])
-        return self._visible(lengths, entry_positions, group.query_positions.view(-1, 1, 1))
+            mask = (torch.arange(entries, device=lengths.device) < lengths.unsqueeze(-1)).unsqueeze(-2)
+            mask = mask.expand(-1, -1, group.row_of_slot.shape[1], -1).clone() if group.hidden is not None else mask
+        else:
+            entry_positions = self._entry_positions(group.block_tables[layer])
+            mask = self._visible(lengths, entry_positions, group.query_positions.unsqueeze(1))
+        if group.hidden is not None:
+            mask[group.hidden_entries(layer)] = False
+        return mask
+
+    def _grouped_queries(self, q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """[rows, heads, dim] -> [seqs, kv_heads, slots * group, dim]: a KV head's query heads and slots together."""
+        group = self.decode
+        seqs, slots = group.row_of_slot.shape
+        if group.slot_of_row is None:
+            return q.view(seqs, num_kv_heads, -1, q.shape[-1])
+        per_slot = q[group.row_of_slot.flatten()].view(seqs, slots, num_kv_heads, -1, q.shape[-1])
+        return per_slot.transpose(1, 2).reshape(seqs, num_kv_heads, -1, q.shape[-1])
+
+    def _ungrouped(self, out: torch.Tensor) -> torch.Tensor:
+        """[seqs, kv_heads, slots * group, dim] -> [rows, heads, dim]."""
+        group = self.decode
+        seqs, num_kv_heads, _, head_dim = out.shape
+        if group.slot_of_row is None:
+            return out.reshape(seqs, -1, head_dim)
+        per_slot = out.view(seqs, num_kv_heads, group.row_of_slot.shape[1], -1, head_dim).transpose(1, 2)
+        return per_slot.reshape(-1, per_slot.shape[2] * per_slot.shape[3], head_dim)[group.slot_of_row]
 
     def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
             return self._attend_decode_in_place(layer, q)
         group = self.decode
-        batch, num_heads, head_dim = q.shape
-        keys, values = self._gather(group.block_tables[layer])  # [batch, kv_heads, entries, dim]
-        num_kv_heads = keys.shape[1]
+        head_dim = q.shape[-1]
+        keys, values = self._gather(group.block_tables[layer])  # [seqs, kv_heads, entries, dim]
+        seqs, num_kv_heads, slots = keys.shape[0], keys.shape[1], group.row_of_slot.shape[1]
         mask = self._shared_decode_mask if self._shared_decode_mask is not None else self._decode_mask(layer)
-        # the query heads sharing a KV head become the "query" axis of that head: no repeat of keys
-        grouped_q = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        if slots > 1:  # each slot's mask serves its query heads
+            mask = mask.unsqueeze(3).expand(-1, -1, -1, q.shape[1] // num_kv_heads, -1).reshape(seqs, num_kv_heads, -1, mask.shape[-1])
+        grouped_q = self._grouped_queries(q, num_kv_heads)
         out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask)
-        for row, observer in group.observers.items():
-            logits = (grouped_q[row] @ keys[row].transpose(-1, -2)) * head_dim**-0.5  # [kv_heads, group, entries]
-            observer(layer, logits.masked_fill(~mask[row], float("-inf")).unsqueeze(2), 0, 1)
-        return out.reshape(batch, num_heads, head_dim)
+        for seq, observer in group.observers.items():
+            first_slot = grouped_q[seq, :, : q.shape[1] // num_kv_heads]
+            logits = (first_slot @ keys[seq].transpose(-1, -2)) * head_dim**-0.5  # [kv_heads, group, entries]
+            observer(layer, logits.masked_fill(~mask[seq, :, : first_slot.shape[1]], float("-inf")).unsqueeze(2), 0, 1)
+        return self._ungrouped(out)
 
     def _attend_decode_in_place(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        batch, num_heads, head_dim = q.shape
-        tables, lengths = self.decode.block_tables[layer], self.decode.lengths[layer]
-        grouped_q = q.reshape(batch, tables.shape[1], -1, head_dim).contiguous()
+        group = self.decode
+        head_dim = q.shape[-1]
+        tables, lengths = group.block_tables[layer], group.lengths[layer]
+        grouped_q = self._grouped_queries(q, tables.shape[1]).contiguous()
         scores = self.kernels.paged_scores(grouped_q, self.pool.keys, tables, lengths, head_dim**-0.5)
-        for row, observer in self.decode.observers.items():
-            observer(layer, scores[row].unsqueeze(2), 0, 1)
+        if group.hidden is not None:
+            seqs, heads, slots, entries = group.hidden_entries(layer)
+            per_slot = scores.view(scores.shape[0], scores.shape[1], group.row_of_slot.shape[1], -1, scores.shape[-1])
+            per_slot[seqs, heads, slots, :, entries] = float("-inf")
+        group_size = q.shape[1] // tables.shape[1]
+        for seq, observer in group.observers.items():
+            observer(layer, scores[seq, :, :group_size].unsqueeze(2), 0, 1)
         probs = torch.softmax(scores, dim=-1)
-        out = self.kernels.paged_weighted_values(probs, self.pool.values, tables, lengths)
-        return out.view(batch, num_heads, head_dim)
+        return self._ungrouped(self.kernels.paged_weighted_values(probs, self.pool.values, tables, lengths))
 
     def _attend_prefill(self, layer, chunk: PrefillChunk, q, k, v) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape

@@ -60,6 +60,13 @@ class BlockManager:
         self._free.extend(freed)
         return source, destination
 
+    def keep_appended(self, table: BlockTable, num_appended: int, kept) -> tuple:
+        """Keep only the appended entries at offsets `kept` (see BlockTable.keep_appended); freed
+        blocks return to the pool. Returns the (source, destination) slots the caller must move."""
+        source, destination, freed = table.keep_appended(num_appended, kept)
+        self._free.extend(freed)
+        return source, destination
+
     def release(self, table: BlockTable) -> None:
         """Return every block of `table` to the pool; the table stays usable (empty)."""
         self._free.extend(table.all_block_ids())

@@ -70,6 +70,23 @@ class BlockTable:
         self.compacted = True
         return source, destination, freed
 
+    def keep_appended(self, num_appended: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Of the last `num_appended` entries of every (layer, head), keep those at offsets `kept`
+        (ascending), moved up behind the entries before them; the same in every (layer, head).
+        Returns the (source, destination) slots to move and the block ids no longer needed."""
+        start = self.lengths - num_appended
+        moved = np.nonzero(kept != np.arange(len(kept)))[0]
+        layer, head = np.indices(start.shape)
+        layer, head, start = layer[..., None], head[..., None], start[..., None]
+        source = self.slots(layer, head, start + kept[moved]).ravel()
+        destination = self.slots(layer, head, start + moved).ravel()
+        self.lengths = start[..., 0] + len(kept)
+        new_num_blocks = -(-self.lengths // self.block_size)
+        index = np.arange(self.blocks.shape[2])
+        freed = self.blocks[(index >= new_num_blocks[..., None]) & (index < self.num_blocks[..., None])].tolist()
+        self.num_blocks = new_num_blocks
+        return source, destination, freed
+
     def layers_aligned(self) -> bool:
         """True while every (layer, head) holds the same entries in the same places (nothing evicted)."""
         return not self.compacted and bool((self.lengths == self.lengths.flat[0]).all())

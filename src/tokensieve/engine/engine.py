@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import secrets
 import time
 
+import numpy as np
 import torch
 
-from ..config import EngineConfig
+from ..cache import cache_root
+from ..config import EngineConfig, SpeculativeConfig
 from ..errors import RequestError
 from ..kernels import native_kernels
 from ..models.llama import LlamaModel
 from ..outputs import RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
+from ..speculative.latency import LatencyTable
+from ..speculative.speculator import Speculator
 from ..weights import load_model, load_tokenizer
 from .block_manager import BlockManager
 from .kv_compression import KVCompressor
 from .kv_pool import KVPool
+from .latency_probe import LatencyProbe
 from .output_text import OutputText
 from .runner import ModelRunner
 from .sampler import sample_tokens
-from .scheduler import Scheduler
+from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
 
 
@@ -49,6 +55,7 @@ class LLMEngine:
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.speculator: Speculator | None = None  # made when the first speculating request arrives
         self._sequences: dict[str, Sequence] = {}
         self._texts: dict[str, OutputText] = {}
         self._arrivals = itertools.count()
@@ -79,11 +86,29 @@ class LLMEngine:
             generator=torch.Generator(self.device).manual_seed(seed),
             want_prompt_logits=want_prompt_logits,
             compress_len=(compress_len or len(prompt_token_ids)) if self.compressor else None,
+            speculates=params.speculate if params.speculate is not None else self.config.speculative is not None,
         )
+        if seq.speculates:
+            self._speculator().prepare(seq)
         self._sequences[request_id] = seq
         self._texts[request_id] = OutputText(self.tokenizer, seq.prompt_token_ids, params.stop)
         self.scheduler.add(seq)
         return request_id
+
+    def _speculator(self) -> Speculator:
+        if self.speculator is None:
+            config = self.config.speculative or SpeculativeConfig()
+            fingerprint = hashlib.sha256(repr((
+                self.model.config, self.config.dtype, self.config.device, self.config.block_size,
+                getattr(self.kernels, "__file__", None), torch.get_num_threads(),
+            )).encode()).hexdigest()[:16]
+            latency = LatencyTable(
+                LatencyProbe(self.runner, self.block_manager, self.model.config.vocab_size),
+                lambda batch: min(batch * config.max_nodes, self.config.max_batched_tokens - batch),
+                cache_root() / "speculative" / f"latency-{fingerprint}.json",
+            )
+            self.speculator = Speculator(config, self.model.config.vocab_size, latency, self.max_model_len)
+        return self.speculator
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams, want_prompt_logits: bool) -> None:
         if not isinstance(params, SamplingParams):
@@ -135,40 +160,71 @@ class LLMEngine:
 
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one forward; return an output for every request that gained a token or finished."""
+        """Run one forward; return an output for every request that gained tokens or finished."""
+        drafted = self._draft()
         schedule = self.scheduler.schedule()
+        for seq in drafted:
+            seq.draft = None  # a draft the schedule did not take is stale by the next step
         if not schedule.chunks:
             return []
         logits, chunk_rows = self.runner.run(schedule.chunks)
-        sampled_seqs, sampled_rows = [], []
+        outputs, sampled_seqs, sampled_rows = [], [], []
         for chunk, rows in chunk_rows:
-            seq = chunk.seq
-            completes = chunk.completes_sequence
+            seq, completes = chunk.seq, chunk.completes_sequence
+            if chunk.draft is not None:
+                outputs.append(self._verify(chunk, logits[rows]))
+                continue
             if seq.want_prompt_logits:
                 seq.prompt_logits.append(logits[rows])
+            if seq.speculates and rows.stop > rows.start:
+                first_position = seq.num_processed + chunk.num_tokens - (rows.stop - rows.start)
+                self.speculator.learn_prefill(seq.token_ids[first_position : seq.num_processed + chunk.num_tokens], logits[rows])
             seq.num_processed += chunk.num_tokens
             if self.compressor is not None:
                 self.compressor.after_forward(seq)
             if completes:
                 sampled_seqs.append(seq)
                 sampled_rows.append(rows.stop - 1)
-        if not sampled_seqs:
-            return []
-        tokens = sample_tokens(logits[sampled_rows], sampled_seqs)
-        return [self._accept_token(seq, token) for seq, token in zip(sampled_seqs, tokens)]
+        if sampled_seqs:
+            tokens = sample_tokens(logits[sampled_rows], sampled_seqs)
+            outputs += [self._append_tokens(seq, [token]) for seq, token in zip(sampled_seqs, tokens)]
+        return outputs
 
-    def _accept_token(self, seq: Sequence, token: int) -> RequestOutput:
-        seq.append_token(token)
+    def _draft(self) -> list[Sequence]:
+        """Draft verification blocks for the speculating sequences that are decoding."""
+        decoding = [s for s in self.scheduler.running if s.num_unprocessed == 1]
+        speculating = [s for s in decoding if s.speculates]
+        if speculating:
+            self.speculator.draft(speculating, batch=len(decoding))
+        return speculating
+
+    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
+        """Accept a path of the draft, keep its KV entries (moved into place), free the rest."""
+        seq, block = chunk.seq, chunk.draft
+        path, emitted = self.speculator.verify(seq, block, logits)
+        source, destination = self.block_manager.keep_appended(seq.block_table, len(block), np.array(path))
+        if len(source):
+            self.pool.move(torch.from_numpy(source).to(self.device), torch.from_numpy(destination).to(self.device))
+        seq.num_processed += len(path)
+        if self.compressor is not None:
+            self.compressor.after_forward(seq)
+        return self._append_tokens(seq, emitted)
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int]) -> RequestOutput:
+        """Append tokens one by one until the request stops; one output for them all."""
         text = self._texts[seq.request_id]
         params = seq.params
-        if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            seq.finish("stop")
-        elif text.update(seq.token_ids):
-            seq.finish("stop")
-        elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            seq.finish("length")
-        if seq.is_finished:
-            self.scheduler.remove(seq)
+        for token in tokens:
+            seq.append_token(token)
+            if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+                seq.finish("stop")
+            elif text.update(seq.token_ids):
+                seq.finish("stop")
+            elif seq.num_output_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+                seq.finish("length")
+            if seq.is_finished:
+                self.scheduler.remove(seq)
+                break
         return self._output(seq, text)
 
     def _output(self, seq: Sequence, text: OutputText) -> RequestOutput:

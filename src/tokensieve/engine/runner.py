@@ -27,32 +27,34 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[tuple[ScheduledChunk, slice]]]:
         """One forward over all chunks. Returns the logits and each chunk with its rows in them.
 
-        A chunk gets logits for its last token when it completes its sequence, for every token
-        when the sequence asked for prompt logits, and none otherwise. Decoding chunks (one
-        token) go first so that they form one attention group.
+        A chunk gets logits for its last token when it completes its sequence, for every token of a
+        verification block, for the prompt positions its sequence asked for, and none otherwise.
+        Decoding chunks (one token, or a verification block) go first: they form one attention group.
         """
-        chunks = sorted(chunks, key=lambda c: c.num_tokens != 1)
+        chunks = sorted(chunks, key=lambda c: not self._decodes(c))
         token_ids, positions, write_slots, logits_rows, row_ranges = [], [], [], [], []
         prefills: list[PrefillChunk] = []
-        decode_seqs = [c.seq for c in chunks if c.num_tokens == 1]
+        decoding = [c for c in chunks if self._decodes(c)]
         observers = {}
         start = 0
         for chunk in chunks:
             seq, n = chunk.seq, chunk.num_tokens
             is_first = int(seq.block_table.lengths.max()) == 0
-            token_ids.extend(seq.token_ids[seq.num_processed : seq.num_processed + n])
-            chunk_positions = np.arange(seq.num_processed, seq.num_processed + n)
+            if chunk.draft is not None:
+                token_ids.extend(chunk.draft.tokens)
+                chunk_positions = seq.num_processed + chunk.draft.offsets
+            else:
+                token_ids.extend(seq.token_ids[seq.num_processed : seq.num_processed + n])
+                chunk_positions = np.arange(seq.num_processed, seq.num_processed + n)
             positions.append(chunk_positions)
             write_slots.append(seq.block_table.append_slots(n))
-            wanted = range(start, start + n) if seq.want_prompt_logits else (
-                [start + n - 1] if chunk.completes_sequence else []
-            )
+            wanted = self._logits_rows(chunk, start)
             row_ranges.append(slice(len(logits_rows), len(logits_rows) + len(wanted)))
             logits_rows.extend(wanted)
-            observer = self.compressor.observer(seq, n) if self.compressor else None
-            if n == 1 and observer is not None:
-                observers[start] = observer
-            if n > 1:
+            observer = self.compressor.observer(seq, 1 if chunk.draft is not None else n) if self.compressor else None
+            if self._decodes(chunk) and observer is not None:
+                observers[decoding.index(chunk)] = observer  # a block's root: the query plain decoding makes
+            if not self._decodes(chunk):
                 table = seq.block_table
                 prefills.append(PrefillChunk(
                     start, start + n,
@@ -65,7 +67,8 @@ class ModelRunner:
                 ))
             start += n
         position_array = np.concatenate(positions)
-        decode = self._decode_group(decode_seqs, position_array[: len(decode_seqs)], observers) if decode_seqs else None
+        num_decode_rows = sum(c.num_tokens for c in decoding)
+        decode = self._decode_group(decoding, position_array[:num_decode_rows], observers) if decoding else None
         attention = PagedAttention(
             self.pool,
             write_slots=self._tensor(np.concatenate(write_slots, axis=1)),
@@ -84,9 +87,49 @@ class ModelRunner:
         )
         return logits, list(zip(chunks, row_ranges))
 
-    def _decode_group(self, seqs, query_positions: np.ndarray, observers) -> DecodeGroup:
+    @staticmethod
+    def _decodes(chunk: ScheduledChunk) -> bool:
+        return chunk.draft is not None or chunk.num_tokens == 1
+
+    @staticmethod
+    def _logits_rows(chunk: ScheduledChunk, start: int) -> range:
+        seq, n = chunk.seq, chunk.num_tokens
+        if chunk.draft is not None or seq.want_prompt_logits:
+            return range(start, start + n)
+        first = n - 1 if chunk.completes_sequence else n
+        if seq.first_logits_position is not None:
+            first = min(first, max(0, seq.first_logits_position - seq.num_processed))
+        return range(start + first, start + n)
+
+    def _decode_group(self, chunks: list[ScheduledChunk], query_positions: np.ndarray, observers) -> DecodeGroup:
+        seqs = [c.seq for c in chunks]
         width = max(int(s.block_table.num_blocks.max()) for s in seqs)
-        tables = np.stack([s.block_table.padded_blocks(width) for s in seqs], axis=1)  # [layers, batch, heads, blocks]
+        tables = np.stack([s.block_table.padded_blocks(width) for s in seqs], axis=1)  # [layers, seqs, heads, blocks]
         lengths = np.stack([s.block_table.lengths for s in seqs], axis=1)
         aligned = all(s.block_table.layers_aligned() for s in seqs)
-        return DecodeGroup(self._tensor(tables), self._tensor(lengths), self._tensor(query_positions), aligned, observers)
+        rows = np.array([c.num_tokens for c in chunks])
+        first_row = np.cumsum(rows) - rows
+        slots = int(rows.max())
+        slot = np.arange(slots)
+        row_of_slot = first_row[:, None] + np.where(slot < rows[:, None], slot, 0)  # padding repeats the first row
+        slot_of_row = hidden = None
+        if slots > 1:
+            seq_of_row = np.repeat(np.arange(len(chunks)), rows)
+            slot_of_row = self._tensor(seq_of_row * slots + np.arange(rows.sum()) - first_row[seq_of_row])
+            hidden = self._hidden_entries(chunks)
+        return DecodeGroup(
+            self._tensor(tables), self._tensor(lengths), self._tensor(query_positions[row_of_slot]),
+            self._tensor(row_of_slot), slot_of_row, aligned, observers, hidden,
+        )
+
+    def _hidden_entries(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ...]:
+        """(sequence, slot, entries before the end) of every block entry a slot may not see."""
+        seqs, slots, from_end = [], [], []
+        for index, chunk in enumerate(chunks):
+            if chunk.draft is not None:
+                mask = chunk.draft.mask
+                slot, entry = np.nonzero(~mask)
+                seqs.append(np.full(len(slot), index))
+                slots.append(slot)
+                from_end.append(len(mask) - entry)
+        return tuple(self._tensor(np.concatenate(x).astype(np.int64)) for x in (seqs, slots, from_end))

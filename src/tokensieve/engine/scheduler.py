@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
@@ -19,11 +20,12 @@ from .sequence import Sequence, SequenceStatus
 class ScheduledChunk:
     seq: Sequence
     num_tokens: int
+    draft: Any = None  # a speculative VerificationBlock: the last token, drafted tokens after it
 
     @property
     def completes_sequence(self) -> bool:
         """True when the chunk reaches the last known token, so its logits give the next token."""
-        return self.seq.num_processed + self.num_tokens == len(self.seq.token_ids)
+        return self.draft is not None or self.seq.num_processed + self.num_tokens == len(self.seq.token_ids)
 
 
 @dataclass
@@ -68,15 +70,24 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
-            num_tokens = self._chunk_size(seq, budget)
+            draft = self._fitting_draft(seq, budget)
+            num_tokens = len(draft) if draft is not None else self._chunk_size(seq, budget)
             if not self._make_room(seq, num_tokens, out):
                 continue
             self.block_manager.reserve(seq.block_table, num_tokens)
-            out.chunks.append(ScheduledChunk(seq, num_tokens))
+            out.chunks.append(ScheduledChunk(seq, num_tokens, draft))
             budget -= num_tokens
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out
+
+    def _fitting_draft(self, seq: Sequence, budget: int):
+        """The sequence's draft if it fits the token budget and the free blocks (speculation never
+        preempts anyone); otherwise it is dropped and the sequence decodes one token."""
+        draft, seq.draft = seq.draft, None
+        if draft is None or len(draft) > budget or not self.block_manager.can_append(seq.block_table, len(draft)):
+            return None
+        return draft
 
     def _chunk_size(self, seq: Sequence, budget: int) -> int:
         """Tokens of `seq` for this step. A chunk never crosses the end of the part a KV policy compresses

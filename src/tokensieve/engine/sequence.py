@@ -35,6 +35,10 @@ class Sequence:
     compress_len: int | None = None  # leading prompt tokens the KV policy compresses while prefilling (None: no policy)
     kv_attention: list[Any] | None = None  # per layer: attention each stored entry received, if the policy asks
     forwards_since_compression: int = 0
+    speculates: bool = False
+    draft: Any = None  # the VerificationBlock of the next forward, when speculating
+    drafter_state: dict = field(default_factory=dict)  # each drafter's memory of this sequence
+    first_logits_position: int | None = None  # prompt positions from here on get logits (None: only the last)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -42,37 +42,57 @@ inline void dequantize_block(const uint8_t* q, float d, float m, __m512& w_lo, _
   }
 }
 
-// ROWS rows of x at once, their accumulators in registers.
-template <int KIND, int ROWS>
-void row_group(const float* x, int64_t K, const uint8_t* qweight, int64_t row_bytes, const float* scales,
-               const float* mins, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+// A tile of R rows of x by C outputs, its R x C accumulators in registers: each dequantized weight
+// vector serves R rows and each loaded x vector C outputs, so the loads keep up with the FMAs.
+// Every (row, output) accumulates block after block, low half then high half, in one vector:
+// the same order whatever the tile, so results do not depend on how many rows are multiplied.
+template <int KIND, int R, int C>
+inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t row_bytes, const float* scales,
+                 const float* mins, float* out, int64_t N) {
   const int64_t num_blocks = K / kBlock;
   const int64_t block_bytes = KIND == Q8_0 ? kBlock : kBlock / 2;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    __m512 acc_lo[ROWS], acc_hi[ROWS];
-    for (int r = 0; r < ROWS; ++r) acc_lo[r] = acc_hi[r] = _mm512_setzero_ps();
-    const uint8_t* q = qweight + n * row_bytes;
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      __m512 w_lo, w_hi;
-      const float m = KIND == Q4_1 ? mins[n * num_blocks + b] : 0.f;
-      dequantize_block<KIND>(q + b * block_bytes, scales[n * num_blocks + b], m, w_lo, w_hi);
-      const float* xb = x + b * kBlock;
-      for (int r = 0; r < ROWS; ++r) {
-        acc_lo[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xb + r * K), acc_lo[r]);
-        acc_hi[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xb + r * K + 16), acc_hi[r]);
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    __m512 w_lo[C], w_hi[C];
+    for (int c = 0; c < C; ++c)
+      dequantize_block<KIND>(q + c * row_bytes + b * block_bytes, scales[c * num_blocks + b],
+                             KIND == Q4_1 ? mins[c * num_blocks + b] : 0.f, w_lo[c], w_hi[c]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x_lo = _mm512_loadu_ps(x + r * K + b * kBlock), x_hi = _mm512_loadu_ps(x + r * K + b * kBlock + 16);
+      for (int c = 0; c < C; ++c) {
+        acc[r][c] = _mm512_fmadd_ps(w_lo[c], x_lo, acc[r][c]);
+        acc[r][c] = _mm512_fmadd_ps(w_hi[c], x_hi, acc[r][c]);
       }
     }
-    for (int r = 0; r < ROWS; ++r) out[r * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * N + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
+template <int KIND, int C>
+inline void all_rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t row_bytes, const float* scales,
+                     const float* mins, float* out, int64_t N) {
+  int64_t r = 0;
+  for (; r + 4 <= M; r += 4) tile<KIND, 4, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
+  if (r + 2 <= M) { tile<KIND, 2, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N); r += 2; }
+  if (r < M) tile<KIND, 1, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
+}
+
+// Outputs four at a time; their weight rows stay in L1 while every group of rows uses them, so a
+// verification forward of 16 tokens streams the weights once, as decoding one token does.
 template <int KIND>
 void rows_of_output(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes,
                     const float* scales, const float* mins, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
-  int64_t r = 0;
-  for (; r + 4 <= M; r += 4) row_group<KIND, 4>(x + r * K, K, qweight, row_bytes, scales, mins, out + r * N, N, n_begin, n_end);
-  if (r + 2 <= M) { row_group<KIND, 2>(x + r * K, K, qweight, row_bytes, scales, mins, out + r * N, N, n_begin, n_end); r += 2; }
-  if (r < M) row_group<KIND, 1>(x + r * K, K, qweight, row_bytes, scales, mins, out + r * N, N, n_begin, n_end);
+  const int64_t num_blocks = K / kBlock;
+  int64_t n = n_begin;
+  for (; n + 4 <= n_end; n += 4)
+    all_rows<KIND, 4>(x, M, K, qweight + n * row_bytes, row_bytes, scales + n * num_blocks,
+                      KIND == Q4_1 ? mins + n * num_blocks : nullptr, out + n, N);
+  for (; n < n_end; ++n)
+    all_rows<KIND, 1>(x, M, K, qweight + n * row_bytes, row_bytes, scales + n * num_blocks,
+                      KIND == Q4_1 ? mins + n * num_blocks : nullptr, out + n, N);
 }
 
 #else  // portable fallback

@@ -1,0 +1,144 @@
+"""`tokensieve bench spec`: speculative decoding on Spec-Bench's prompts, per category, beside our
+plain decoding and transformers `generate` with prompt lookup, all in one process.
+
+Every prompt runs greedy with each system, one request at a time. Tokens/s counts the new tokens
+over the whole request (prefill included, the same prompt for every system). The speculative
+output is checked token for token against plain decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..config import SpeculativeConfig
+from ..llm import LLM
+from ..sampling_params import SamplingParams
+from .hf_baseline import load_hf_model
+
+QUESTIONS = Path(__file__).parent / "data" / "spec_bench" / "question.jsonl"
+
+
+def load_prompts(path: Path, per_category: int) -> list[dict]:
+    """The first `per_category` questions of every category (first turn only), in file order."""
+    taken: dict[str, int] = defaultdict(int)
+    prompts = []
+    for line in Path(path).read_text().splitlines():
+        question = json.loads(line)
+        category = question["category"]
+        if taken[category] < per_category:
+            taken[category] += 1
+            prompts.append({"category": category, "id": question["question_id"], "text": question["turns"][0]})
+    return prompts
+
+
+def _run_ours(llm: LLM, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], float, int]:
+    """Tokens, seconds, and forwards after the first token (each emits one token or more), of one request."""
+    engine = llm.engine
+    request_id = engine.add_request(prompt_ids, params)
+    seq = engine.sequence(request_id)
+    decode_forwards, started = 0, time.perf_counter()
+    try:
+        while engine.has_unfinished():
+            decode_forwards += seq.num_output_tokens > 0
+            engine.step()
+        return list(seq.output_token_ids), time.perf_counter() - started, decode_forwards
+    finally:
+        engine.abort(request_id)
+
+
+def _run_hf(hf_model, prompt_ids: list[int], new_tokens: int, lookup_tokens: int, eos: int) -> tuple[list[int], float]:
+    ids = torch.tensor([prompt_ids])
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+            prompt_lookup_num_tokens=lookup_tokens, pad_token_id=eos, eos_token_id=eos,
+        )
+    return out[0, len(prompt_ids) :].tolist(), time.perf_counter() - started
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per category and overall: accepted tokens per step, tokens/s and speedups."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[row["category"]].append(row)
+    groups["overall"] = list(rows)
+    summary = {}
+    for category, items in groups.items():
+        tokens = sum(r["tokens"] for r in items)
+        entry = {
+            "prompts": len(items),
+            "tokens": tokens,
+            "tokens_per_step": sum(r["tokens"] - 1 for r in items) / max(1, sum(r["spec_decode_forwards"] for r in items)),
+            "plain_tok_s": tokens / sum(r["plain_s"] for r in items),
+            "spec_tok_s": tokens / sum(r["spec_s"] for r in items),
+            "identical": sum(r["identical"] for r in items),
+        }
+        entry["speedup_vs_plain"] = entry["spec_tok_s"] / entry["plain_tok_s"]
+        if all("hf_s" in r for r in items):
+            hf_tokens = sum(r["hf_tokens"] for r in items)
+            entry["hf_lookup_tok_s"] = hf_tokens / sum(r["hf_s"] for r in items)
+            entry["speedup_vs_hf_lookup"] = entry["spec_tok_s"] / entry["hf_lookup_tok_s"]
+        summary[category] = entry
+    return summary
+
+
+def markdown(summary: dict, command: str) -> str:
+    has_hf = "hf_lookup_tok_s" in summary["overall"]
+    lines = [
+        f"Command: `{command}`", "",
+        "| category | prompts | tokens/step | plain tok/s | spec tok/s | vs plain |"
+        + (" HF lookup tok/s | vs HF lookup |" if has_hf else "") + " identical |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_hf else "") + "---:|",
+    ]
+    for category, e in summary.items():
+        hf = f" {e['hf_lookup_tok_s']:.1f} | {e['speedup_vs_hf_lookup']:.2f}x |" if has_hf else ""
+        lines.append(
+            f"| {category} | {e['prompts']} | {e['tokens_per_step']:.2f} | {e['plain_tok_s']:.1f} | {e['spec_tok_s']:.1f} "
+            f"| {e['speedup_vs_plain']:.2f}x |{hf} {e['identical']}/{e['prompts']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_spec_benchmark(args) -> dict:
+    torch.set_num_threads(args.threads)
+    prompts = load_prompts(Path(args.questions), args.per_category)
+    plain = LLM(args.model)
+    spec = plain.with_options(speculative=SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes))
+    hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    eos = plain.tokenizer.eos_token_id
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _run_ours(spec, plain.encode("Hello"), SamplingParams(max_tokens=16, temperature=0))  # measures latency once
+    rows = []
+    with open(out / "spec_cases.jsonl", "w") as cases:
+        for index, prompt in enumerate(prompts):
+            ids = plain.encode([{"role": "user", "content": prompt["text"]}])
+            plain_tokens, plain_s, _ = _run_ours(plain, ids, params)
+            spec_tokens, spec_s, spec_forwards = _run_ours(spec, ids, params)
+            row = {
+                **{k: prompt[k] for k in ("category", "id")}, "prompt_tokens": len(ids), "tokens": len(plain_tokens),
+                "plain_s": plain_s, "spec_s": spec_s, "spec_decode_forwards": spec_forwards,
+                "identical": spec_tokens == plain_tokens,
+            }
+            if hf_model is not None:
+                hf_tokens, row["hf_s"] = _run_hf(hf_model, ids, args.max_tokens, args.hf_lookup_tokens, eos)
+                row["hf_tokens"] = len(hf_tokens)
+            rows.append(row)
+            cases.write(json.dumps(row) + "\n")
+            cases.flush()
+            print(f"[{index + 1}/{len(prompts)}] {row['category']}: {row['tokens']} tokens, "
+                  f"{plain_s / spec_s:.2f}x vs plain" + (f", {row['hf_s'] / spec_s:.2f}x vs HF lookup" if "hf_s" in row else ""),
+                  flush=True)
+    summary = summarize(rows)
+    result = {"command": args.command_line, "settings": vars(args) | {"func": None}, "summary": summary, "cases": rows}
+    (out / "spec.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "spec.md").write_text(markdown(summary, args.command_line))
+    print(markdown(summary, args.command_line))
+    return result

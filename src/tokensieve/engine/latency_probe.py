@@ -1,0 +1,69 @@
+"""Times verification forwards on this machine: `batch` dummy sequences (random tokens, a short
+context) carrying `drafted` draft tokens in all, through the engine's own runner and pool."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..sampling_params import SamplingParams
+from ..speculative.speculator import VerificationBlock
+from ..speculative.tree import DraftTree
+from .block_manager import BlockManager
+from .runner import ModelRunner
+from .scheduler import ScheduledChunk
+from .sequence import Sequence
+
+PROBE_CONTEXT = 256
+REPEATS = 3
+
+
+def _chain_block(tokens: list[int]) -> VerificationBlock:
+    tree = DraftTree(tokens[0])
+    node = 0
+    for token in tokens[1:]:
+        node = tree.add(node, token, 1.0)
+    return VerificationBlock(tree, list(tree.tokens), np.array(tree.depths), tree.ancestor_mask())
+
+
+class LatencyProbe:
+    def __init__(self, runner: ModelRunner, block_manager: BlockManager, vocab_size: int):
+        self.runner, self.block_manager, self.vocab_size = runner, block_manager, vocab_size
+
+    def __call__(self, batch: int, drafted: int) -> float:
+        """Best of a few timings of one forward (inf when the pool has no room for the probe)."""
+        rng = np.random.default_rng(batch)
+        per_seq = [drafted // batch + (i < drafted % batch) for i in range(batch)]
+        manager = self.block_manager
+        needed = batch * manager.num_layers * manager.num_kv_heads * -(-(PROBE_CONTEXT + max(per_seq) + 1) // manager.block_size)
+        if needed > manager.num_free_blocks:
+            return float("inf")
+        seqs = []
+        try:
+            for i in range(batch):
+                ids = rng.integers(0, self.vocab_size, PROBE_CONTEXT + 1).tolist()
+                seq = Sequence(f"latency-probe-{i}", ids, SamplingParams(temperature=0), arrival_order=-1)
+                seq.block_table = manager.new_table()
+                seqs.append(seq)
+                manager.reserve(seq.block_table, PROBE_CONTEXT)
+                self.runner.run([ScheduledChunk(seq, PROBE_CONTEXT)])
+                seq.num_processed = PROBE_CONTEXT
+            chunks = [
+                ScheduledChunk(seq, n + 1, _chain_block(rng.integers(0, self.vocab_size, n + 1).tolist())) if n
+                else ScheduledChunk(seq, 1)
+                for seq, n in zip(seqs, per_seq)
+            ]
+            timings = []
+            for _ in range(REPEATS + 1):  # the first run warms up
+                for chunk in chunks:
+                    manager.reserve(chunk.seq.block_table, chunk.num_tokens)
+                began = time.perf_counter()
+                self.runner.run(chunks)
+                timings.append(time.perf_counter() - began)
+                for chunk in chunks:
+                    manager.keep_appended(chunk.seq.block_table, chunk.num_tokens, np.zeros(0, dtype=np.int64))
+            return min(timings[1:])
+        finally:
+            for seq in seqs:
+                manager.drop(seq.block_table)

@@ -1,0 +1,47 @@
+"""Forward latency on this machine, by batch size and number of drafted tokens, measured once and
+cached on disk: what the tree-size choice trades expected accepted tokens against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+DRAFTED_TOKENS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+class LatencyTable:
+    def __init__(self, measure: Callable[[int, int], float], max_drafted: Callable[[int], int], cache_file: Path | None):
+        """`measure(batch, drafted)`: seconds of one forward of `batch` decoding sequences carrying
+        `drafted` draft tokens in all; `max_drafted(batch)`: the most a forward may carry."""
+        self._measure = measure
+        self._max_drafted = max_drafted
+        self.cache_file = cache_file
+        self.table: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if cache_file is not None and cache_file.exists():
+            for batch, points in json.loads(cache_file.read_text()).items():
+                drafted, seconds = zip(*points)
+                self.table[int(batch)] = (np.array(drafted, dtype=float), np.array(seconds))
+
+    def seconds(self, batch: int, drafted) -> np.ndarray:
+        """Interpolated forward seconds for each number of drafted tokens (beyond the grid: linear)."""
+        if batch not in self.table:
+            self._measure_batch(batch)
+        xs, ys = self.table[batch]
+        drafted = np.asarray(drafted, dtype=float)
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+        return np.where(drafted <= xs[-1], np.interp(drafted, xs, ys), ys[-1] + slope * (drafted - xs[-1]))
+
+    def _measure_batch(self, batch: int) -> None:
+        limit = self._max_drafted(batch)
+        grid = [d for d in DRAFTED_TOKENS if d <= limit]
+        seconds = [self._measure(batch, d) for d in grid]
+        # latency cannot fall as tokens are added; a lower later reading is noise on the earlier one
+        seconds = np.minimum.accumulate(np.array(seconds)[::-1])[::-1]
+        self.table[batch] = (np.array(grid, dtype=float), seconds)
+        if self.cache_file is not None:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            data = {str(b): list(zip(xs.tolist(), ys.tolist())) for b, (xs, ys) in self.table.items()}
+            self.cache_file.write_text(json.dumps(data))

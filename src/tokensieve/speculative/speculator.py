@@ -1,0 +1,178 @@
+"""The fused drafter and its bookkeeping: every source adds candidates to one trie per sequence,
+each node valued by how often that source's candidates at that depth (and rank) were accepted so
+far; the most valuable nodes are kept, as many as pay for their forward time on this machine."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import SpeculativeConfig
+from ..engine.sequence import Sequence
+from .latency import LatencyTable
+from .lookahead import LookaheadDrafter
+from .prompt_lookup import PromptLookupDrafter
+from .recycling import TokenRecyclingDrafter
+from .tree import DraftTree
+from .verify import accept_path
+
+LOOKAHEAD_EXPLORE_EVERY = 32  # forwards; the Jacobi window also runs this often when it does not pay yet
+
+
+class AcceptanceStats:
+    """How often drafted nodes were accepted when their parent was, per (source, depth[, rank]) key."""
+
+    def __init__(self):
+        self.tried: dict[tuple, int] = defaultdict(int)
+        self.accepted: dict[tuple, int] = defaultdict(int)
+
+    @staticmethod
+    def prior(key: tuple) -> float:
+        return 0.6 / (key[2] + 1) if key[0] == "recycling" else 0.5
+
+    def rate(self, key: tuple) -> float:
+        """Acceptance rate with a prior worth two observations."""
+        return (self.accepted.get(key, 0) + 2 * self.prior(key)) / (self.tried.get(key, 0) + 2)
+
+    def update(self, tree: DraftTree, path: list[int]) -> None:
+        on_path = set(path)
+        for node in range(1, len(tree)):
+            if tree.parents[node] in on_path:
+                for key in tree.keys[node]:
+                    self.tried[key] += 1
+                    self.accepted[key] += node in on_path
+
+
+@dataclass
+class VerificationBlock:
+    """What one sequence adds to a forward: the tree's nodes, then the lookahead window (if any)."""
+
+    tree: DraftTree
+    tokens: list[int]
+    offsets: np.ndarray  # position of each row after the root's
+    mask: np.ndarray  # [rows, rows]: which of the block's own entries each row sees
+    branch_size: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, vocab_size: int, latency: LatencyTable | None, max_model_len: int):
+        self.config = config
+        self.latency = latency if config.tune else None
+        self.max_model_len = max_model_len
+        self.stats = AcceptanceStats()
+        self.drafters = []
+        self.recycling = self.lookahead = None
+        for name in config.drafters:
+            if name == "lookup":
+                self.drafters.append(PromptLookupDrafter(config.lookup_max_ngram))
+            elif name == "recycling":
+                self.recycling = TokenRecyclingDrafter(vocab_size, config.recycling_top_k)
+                self.drafters.append(self.recycling)
+            else:
+                self.lookahead = LookaheadDrafter(config.lookahead_ngram, config.lookahead_width)
+                self.drafters.append(self.lookahead)
+        self.lookahead_gain = 1.0  # running mean of tokens per forward only the lookahead pool drafted
+        self.num_forwards = 0
+
+    # ---- before prefill ------------------------------------------------------------------------
+    def prepare(self, seq: Sequence) -> None:
+        """Ask for the prompt logits that seed Token Recycling."""
+        if self.recycling is not None and self.config.recycling_seed_tokens:
+            seq.first_logits_position = max(0, seq.num_prompt_tokens - self.config.recycling_seed_tokens)
+
+    def learn_prefill(self, token_ids: list[int], logits: torch.Tensor) -> None:
+        """Prompt logits (row i after token_ids[i]) seed the successor matrix."""
+        if self.recycling is not None:
+            self.recycling.learn(torch.tensor(token_ids), logits)
+
+    # ---- drafting ------------------------------------------------------------------------------
+    def _max_depth(self, seq: Sequence) -> int:
+        left_to_generate = seq.params.max_tokens - seq.num_output_tokens
+        left_in_context = self.max_model_len - len(seq.token_ids)
+        return min(self.config.max_depth, left_to_generate - 1, left_in_context - 1)
+
+    def _tree(self, seq: Sequence) -> DraftTree:
+        tree = DraftTree(seq.token_ids[-1])
+        depth = self._max_depth(seq)
+        if depth > 0:
+            for drafter in self.drafters:
+                drafter.propose(seq.drafter_state.setdefault(drafter.name, {}), seq.token_ids, tree, depth, self.stats.rate)
+        return tree
+
+    def draft(self, seqs: list[Sequence], batch: int) -> None:
+        """Give each decoding sequence its verification block for the next forward (None: plain
+        decoding); `batch` counts every sequence decoding in that forward, speculating or not."""
+        self.num_forwards += 1
+        trees = [self._tree(seq) for seq in seqs]
+        sizes = self._tree_sizes(trees, batch)
+        branch = self._use_lookahead(seqs, trees, sizes, batch)
+        for seq, tree, size, with_branch in zip(seqs, trees, sizes, branch):
+            if size or with_branch:
+                seq.draft = self._block(seq, tree.pruned(size), with_branch)
+
+    def _tree_sizes(self, trees: list[DraftTree], batch: int) -> list[int]:
+        """Drafted nodes per tree: all ranked nodes of all trees compete for one forward, and the count
+        kept maximises expected emitted tokens per second (1 + the kept nodes' acceptance chances)."""
+        limit = self.config.max_nodes
+        if self.latency is None:
+            return [min(limit, tree.num_drafted) for tree in trees]
+        items = sorted(
+            ((tree.values[node], index) for index, tree in enumerate(trees) for node in tree.ranked()[:limit]),
+            key=lambda item: -item[0],
+        )
+        expected = batch + np.cumsum([0.0] + [value for value, _ in items])
+        seconds = self.latency.seconds(batch, np.arange(len(items) + 1))
+        best = int(np.argmax(expected / seconds))
+        sizes = [0] * len(trees)
+        for _, index in items[:best]:
+            sizes[index] += 1
+        return sizes
+
+    def _use_lookahead(self, seqs, trees, sizes, batch) -> list[bool]:
+        """Whether each sequence carries the Jacobi window: always when it is the only drafter; else
+        when its measured gain pays for its tokens, and every few forwards to keep measuring."""
+        fits = [self._max_depth(seq) > self.lookahead.levels + self.lookahead.width if self.lookahead else False for seq in seqs]
+        if self.lookahead is None or len(self.drafters) == 1 or self.latency is None:
+            return fits
+        if self.num_forwards % LOOKAHEAD_EXPLORE_EVERY == 0:
+            return fits
+        drafted = sum(sizes)
+        expected = batch + sum(sum(sorted(t.values[1:], reverse=True)[:s]) for t, s in zip(trees, sizes))
+        extra = self.lookahead.branch_size * sum(fits)
+        without, with_branch = self.latency.seconds(batch, [drafted, drafted + extra])
+        pays = (expected + self.lookahead_gain * sum(fits)) / with_branch > expected / without
+        return [f and pays for f in fits]
+
+    def _block(self, seq: Sequence, tree: DraftTree, with_branch: bool) -> VerificationBlock:
+        tokens, offsets, mask = list(tree.tokens), np.array(tree.depths), tree.ancestor_mask()
+        if not with_branch:
+            return VerificationBlock(tree, tokens, offsets, mask)
+        state = seq.drafter_state.setdefault(self.lookahead.name, {})
+        branch = self.lookahead.branch_tokens(state, seq.token_ids)
+        size, extra = len(tree), len(branch)
+        full = np.zeros((size + extra, size + extra), dtype=bool)
+        full[:size, :size] = mask
+        full[size:, 0] = True  # the window sees the root
+        full[size:, size:] = self.lookahead.mask
+        return VerificationBlock(tree, tokens + branch.tolist(), np.concatenate([offsets, self.lookahead.offsets]), full, extra)
+
+    # ---- verification --------------------------------------------------------------------------
+    def verify(self, seq: Sequence, block: VerificationBlock, logits: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Accept a path (lossless), learn from every row; returns the accepted nodes and emitted tokens."""
+        tree = block.tree
+        path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.generator)
+        self.stats.update(tree, path)
+        if self.recycling is not None:
+            self.recycling.learn(torch.tensor(tree.tokens), logits[: len(tree)])
+        if block.branch_size:
+            self.lookahead.learn(seq.drafter_state[self.lookahead.name], logits[len(tree) :])
+        if self.lookahead is not None:
+            only_lookahead = sum(all(key[0] == "lookahead" for key in tree.keys[node]) for node in path[1:])
+            self.lookahead_gain = 0.9 * self.lookahead_gain + 0.1 * only_lookahead
+        return path, emitted

@@ -1,0 +1,173 @@
+"""Draft trees, drafters, the tree-size choice and path compaction, without a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tokensieve.config import SpeculativeConfig
+from tokensieve.engine.block_table import BlockTable
+from tokensieve.sampling_params import SamplingParams
+from tokensieve.speculative.lookahead import LookaheadDrafter
+from tokensieve.speculative.prompt_lookup import PromptLookupDrafter
+from tokensieve.speculative.recycling import TokenRecyclingDrafter, static_tree
+from tokensieve.speculative.speculator import AcceptanceStats, Speculator
+from tokensieve.speculative.tree import DraftTree
+from tokensieve.speculative.verify import accept_path
+
+always = lambda key: 1.0  # noqa: E731
+
+
+def small_tree() -> DraftTree:
+    """root 5 -> {7 -> {8, 9}, 6}; 7 is drafted twice (one node), 6 is less likely."""
+    tree = DraftTree(5)
+    tree.add_chain(0, [7, 8], [0.9, 0.8], [("a", 1), ("a", 2)])
+    tree.add_chain(0, [7, 9], [0.5, 0.3], [("b", 1), ("b", 2)])
+    tree.add(0, 6, 0.2, ("b", 1))
+    return tree
+
+
+def test_siblings_are_deduplicated_and_keep_the_best_value():
+    tree = small_tree()
+    assert tree.tokens == [5, 7, 8, 9, 6]
+    assert tree.parents == [-1, 0, 1, 1, 0]
+    assert tree.depths == [0, 1, 2, 2, 1]
+    assert tree.values[1] == 0.9 and tree.keys[1] == [("a", 1), ("b", 1)]
+
+
+def test_ancestor_mask_lets_a_node_see_only_its_path():
+    mask = small_tree().ancestor_mask()
+    assert mask[2].tolist() == [True, True, True, False, False]
+    assert mask[3].tolist() == [True, True, False, True, False]
+    assert mask[4].tolist() == [True, False, False, False, True]
+
+
+def test_pruned_keeps_the_likeliest_nodes_with_their_ancestors():
+    tree = small_tree()
+    assert tree.ranked() == [1, 2, 3, 4]
+    pruned = tree.pruned(2)
+    assert pruned.tokens == [5, 7, 8] and pruned.parents == [-1, 0, 1]
+    assert pruned.keys[1] == [("a", 1), ("b", 1)]
+
+
+def test_greedy_walk_descends_while_the_argmax_is_a_child():
+    tree = small_tree()
+    logits = torch.zeros(5, 12)
+    logits[0, 7] = logits[1, 9] = logits[3, 11] = 1.0  # root -> 7 -> 9 -> 11 (not drafted)
+    path, emitted = accept_path(tree, logits, SamplingParams(temperature=0), [1, 2, 5])
+    assert path == [0, 1, 3] and emitted == [7, 9, 11]
+
+
+def test_greedy_walk_applies_the_repetition_penalty_along_the_path():
+    tree = small_tree()
+    logits = torch.zeros(5, 12)
+    logits[0, 7] = 2.0
+    logits[1, 7], logits[1, 8] = 1.5, 1.0  # 7 was just emitted: penalised below 8
+    path, emitted = accept_path(tree, logits, SamplingParams(temperature=0, repetition_penalty=2.0), [1])
+    assert emitted[:2] == [7, 8] and path[:3] == [0, 1, 2]
+
+
+def test_sampled_walk_draws_what_plain_sampling_draws_with_the_same_generator():
+    """Each emitted token is one draw from the node's warped distribution, in order."""
+    tree = small_tree()
+    logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=0.7, top_k=6)
+    path, emitted = accept_path(tree, logits, params, [1], torch.Generator().manual_seed(3))
+    from tokensieve.engine.sampler import target_distribution
+
+    generator = torch.Generator().manual_seed(3)
+    node, expected = 0, []
+    for _ in emitted:
+        token = int(torch.multinomial(target_distribution(logits[node], params, [1] + expected), 1, generator=generator))
+        expected.append(token)
+        node = tree.children(node).get(token, -1)
+    assert emitted == expected and len(path) == len(emitted)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    tree = DraftTree(3)
+    tokens = [1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 2, 3]
+    PromptLookupDrafter(max_ngram=2).propose({}, tokens, tree, 3, always)
+    # "2 3" occurred twice before the end: latest first (6 7 2), then (4 5 9)
+    assert [tree.tokens[n] for n in tree.path(3)] == [3, 6, 7, 2]
+    assert [tree.tokens[n] for n in tree.path(6)] == [3, 4, 5, 9]
+    assert tree.keys[1] == [("lookup", 2, 1)]
+
+
+def test_token_recycling_fills_its_static_tree_from_learned_successors():
+    slots = static_tree(10, 3, 4)
+    assert len(slots) == 10 and all(parent < index + 1 for index, (parent, _) in enumerate(slots))
+    drafter = TokenRecyclingDrafter(vocab_size=20, top_k=4, num_nodes=10, max_depth=3)
+    logits = torch.zeros(2, 20)
+    logits[0, [11, 12, 13, 14]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # after token 5
+    logits[1, [15, 16, 17, 18]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # after token 11
+    drafter.learn(torch.tensor([5, 11]), logits)
+    tree = DraftTree(5)
+    drafter.propose({}, [5], tree, 3, always)
+    assert sorted(tree.children(0)) == [11, 12, 13, 14]
+    assert sorted(tree.children(tree.children(0)[11])) == [15, 16, 17, 18][: len(tree.children(tree.children(0)[11]))]
+    assert all(tree.tokens[n] != 0 for n in range(1, len(tree)))  # unknown tokens (12..18) have no children
+
+
+def test_lookahead_layout_is_a_set_of_jacobi_columns():
+    drafter = LookaheadDrafter(ngram=3, width=3)
+    assert drafter.offsets.tolist() == [1, 2, 3, 2, 3, 4]
+    # level 1, column 2 sees level-0 columns 0, 1 and its own column's level 0
+    assert drafter.mask[5].tolist() == [True, True, True, False, False, True]
+    assert drafter.mask[1].tolist() == [True, True, False, False, False, False]
+
+
+def test_lookahead_pool_collects_column_ngrams_and_the_window_moves_up():
+    drafter = LookaheadDrafter(ngram=3, width=2)
+    state = {"window": np.array([[4, 5], [6, 7]]), "pool": {}}
+    logits = torch.zeros(4, 10)
+    logits[2, 8] = logits[3, 9] = 1.0  # the predictions after the top level
+    drafter.learn(state, logits)
+    assert list(state["pool"][4]) == [(6, 8)] and list(state["pool"][5]) == [(7, 9)]
+    assert state["window"].tolist() == [[6, 7], [8, 9]]
+    tree = DraftTree(4)
+    drafter.propose(state, [1, 4], tree, 4, always)
+    assert tree.tokens == [4, 6, 8]
+
+
+def test_acceptance_stats_credit_only_nodes_whose_parent_was_accepted():
+    tree = small_tree()
+    stats = AcceptanceStats()
+    stats.update(tree, [0, 1])  # 7 accepted, then neither 8 nor 9
+    assert stats.tried[("a", 1)] == 1 and stats.accepted[("a", 1)] == 1
+    assert stats.tried[("b", 1)] == 2 and stats.accepted[("b", 1)] == 1  # node 7 (accepted) and node 6
+    assert stats.tried[("a", 2)] == 1 and stats.accepted[("a", 2)] == 0
+
+
+class FakeLatency:
+    def __init__(self, per_token: float):
+        self.per_token = per_token
+
+    def seconds(self, batch, drafted):
+        return 1.0 + self.per_token * (batch - 1 + np.asarray(drafted, dtype=float))
+
+
+def _speculator(per_token: float) -> Speculator:
+    return Speculator(SpeculativeConfig(drafters=("lookup",), max_nodes=8), 50, FakeLatency(per_token), 1000)
+
+
+def test_tree_size_maximises_expected_tokens_per_second():
+    tree = DraftTree(1)
+    tree.add_chain(0, [2, 3, 4, 5], [0.9, 0.8, 0.3, 0.1], [None] * 4)
+    # cheap tokens (0.1 s each): keep nodes while value / cost beats the running rate
+    assert _speculator(0.1)._tree_sizes([tree], 1) == [3]
+    # expensive tokens: speculation does not pay, fall back to plain decoding
+    assert _speculator(2.0)._tree_sizes([tree], 1) == [0]
+
+
+def test_keep_appended_moves_the_accepted_path_behind_the_prefix_and_frees_the_rest():
+    table = BlockTable(num_layers=1, num_kv_heads=2, block_size=4)
+    table.add_blocks(np.array([[3, 3]]), [10, 11, 12, 20, 21, 22])
+    table.append_slots(3)  # prefix
+    table.append_slots(6)  # root + 5 drafted nodes
+    source, destination, freed = table.keep_appended(6, np.array([0, 2, 5]))
+    assert table.lengths.tolist() == [[6, 6]] and table.num_blocks.tolist() == [[2, 2]]
+    assert sorted(freed) == [12, 22]
+    # head 0: entries 3+2=5 -> 4 and 3+5=8 -> 5; entry i lives in block i // 4 at offset i % 4
+    assert source[:2].tolist() == [11 * 4 + 1, 12 * 4 + 0] and destination[:2].tolist() == [11 * 4 + 0, 11 * 4 + 1]
+    assert not table.compacted
