@@ -133,10 +133,11 @@ def test_lookahead_pool_collects_column_ngrams_and_the_window_moves_up():
 def test_acceptance_stats_credit_only_nodes_whose_parent_was_accepted():
     tree = small_tree()
     stats = AcceptanceStats()
-    stats.update(tree, [0, 1])  # 7 accepted, then neither 8 nor 9
-    assert stats.tried[("a", 1)] == 1 and stats.accepted[("a", 1)] == 1
-    assert stats.tried[("b", 1)] == 2 and stats.accepted[("b", 1)] == 1  # node 7 (accepted) and node 6
-    assert stats.tried[("a", 2)] == 1 and stats.accepted[("a", 2)] == 0
+    stats.update(tree, [0, 1], streak=2)  # 7 accepted, then neither 8 nor 9
+    assert stats.tried[("a", 1, 2)] == 1 and stats.accepted[("a", 1, 2)] == 1
+    assert stats.tried[("b", 1, 2)] == 2 and stats.accepted[("b", 1, 2)] == 1  # node 7 (accepted) and node 6
+    assert stats.tried[("a", 2, 2)] == 1 and stats.accepted[("a", 2, 2)] == 0
+    assert stats.rate(("a", 1), 2) == (1 + 2 * 0.5) / 3 and stats.rate(("a", 1), 0) == 0.5
 
 
 class FakeLatency:

@@ -167,7 +167,11 @@ class LLMEngine:
             seq.draft = None  # a draft the schedule did not take is stale by the next step
         if not schedule.chunks:
             return []
+        began = time.perf_counter()
         logits, chunk_rows = self.runner.run(schedule.chunks)
+        if drafted and all(c.draft is not None or c.num_tokens == 1 for c in schedule.chunks):
+            rows = sum(c.num_tokens for c in schedule.chunks)
+            self.speculator.observe_forward(len(schedule.chunks), rows - len(schedule.chunks), time.perf_counter() - began)
         outputs, sampled_seqs, sampled_rows = [], [], []
         for chunk, rows in chunk_rows:
             seq, completes = chunk.seq, chunk.completes_sequence

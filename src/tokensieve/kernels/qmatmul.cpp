@@ -76,8 +76,13 @@ inline void all_rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int
                      const float* mins, float* out, int64_t N) {
   int64_t r = 0;
   for (; r + 4 <= M; r += 4) tile<KIND, 4, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
-  if (r + 2 <= M) { tile<KIND, 2, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N); r += 2; }
-  if (r < M) tile<KIND, 1, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
+  const float* xr = x + r * K;
+  float* o = out + r * N;
+  switch (M - r) {  // the remaining rows in one pass over the weights
+    case 3: tile<KIND, 3, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
+    case 2: tile<KIND, 2, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
+    case 1: tile<KIND, 1, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
+  }
 }
 
 // Outputs four at a time; their weight rows stay in L1 while every group of rows uses them, so a

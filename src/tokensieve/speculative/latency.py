@@ -1,5 +1,7 @@
 """Forward latency on this machine, by batch size and number of drafted tokens, measured once and
-cached on disk: what the tree-size choice trades expected accepted tokens against."""
+cached on disk, then refined from the forwards the engine really runs (longer contexts and the
+engine's own overheads make them slower than the probe's): what the tree-size choice trades
+expected accepted tokens against."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 DRAFTED_TOKENS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+LEARNING_RATE = 0.1  # weight of one observed forward in the refined latency
 
 
 class LatencyTable:
@@ -33,6 +36,23 @@ class LatencyTable:
         drafted = np.asarray(drafted, dtype=float)
         slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
         return np.where(drafted <= xs[-1], np.interp(drafted, xs, ys), ys[-1] + slope * (drafted - xs[-1]))
+
+    def observe(self, batch: int, drafted: int, seconds: float) -> None:
+        """Move the table toward a measured forward, at the grid points around `drafted`."""
+        if batch not in self.table:
+            return
+        xs, ys = self.table[batch]
+        if drafted > xs[-1]:
+            return
+        upper = int(np.searchsorted(xs, drafted))
+        lower = max(upper - 1, 0) if xs[upper] != drafted else upper
+        weight = 1.0 if lower == upper else (drafted - xs[lower]) / (xs[upper] - xs[lower])
+        error = seconds - float(np.interp(drafted, xs, ys))
+        ys = ys.copy()
+        ys[upper] += LEARNING_RATE * weight * error
+        if lower != upper:
+            ys[lower] += LEARNING_RATE * (1 - weight) * error
+        self.table[batch] = (xs, np.maximum.accumulate(ys))
 
     def _measure_batch(self, batch: int) -> None:
         limit = self._max_drafted(batch)

@@ -23,7 +23,9 @@ LOOKAHEAD_EXPLORE_EVERY = 32  # forwards; the Jacobi window also runs this often
 
 
 class AcceptanceStats:
-    """How often drafted nodes were accepted when their parent was, per (source, depth[, rank]) key."""
+    """How often drafted nodes were accepted when their parent was, per (source, depth[, rank]) key
+    and "streak" (how many drafted tokens the sequence's previous forward accepted: 0, 1 or 2+,
+    since a sequence that is copying text keeps copying)."""
 
     def __init__(self):
         self.tried: dict[tuple, int] = defaultdict(int)
@@ -33,17 +35,18 @@ class AcceptanceStats:
     def prior(key: tuple) -> float:
         return 0.6 / (key[2] + 1) if key[0] == "recycling" else 0.5
 
-    def rate(self, key: tuple) -> float:
+    def rate(self, key: tuple, streak: int) -> float:
         """Acceptance rate with a prior worth two observations."""
+        key = key + (streak,)
         return (self.accepted.get(key, 0) + 2 * self.prior(key)) / (self.tried.get(key, 0) + 2)
 
-    def update(self, tree: DraftTree, path: list[int]) -> None:
+    def update(self, tree: DraftTree, path: list[int], streak: int) -> None:
         on_path = set(path)
         for node in range(1, len(tree)):
             if tree.parents[node] in on_path:
                 for key in tree.keys[node]:
-                    self.tried[key] += 1
-                    self.accepted[key] += node in on_path
+                    self.tried[key + (streak,)] += 1
+                    self.accepted[key + (streak,)] += node in on_path
 
 
 @dataclass
@@ -54,6 +57,7 @@ class VerificationBlock:
     tokens: list[int]
     offsets: np.ndarray  # position of each row after the root's
     mask: np.ndarray  # [rows, rows]: which of the block's own entries each row sees
+    streak: int = 0  # the acceptance statistics the tree was valued with
     branch_size: int = 0
 
     def __len__(self) -> int:
@@ -100,9 +104,11 @@ class Speculator:
     def _tree(self, seq: Sequence) -> DraftTree:
         tree = DraftTree(seq.token_ids[-1])
         depth = self._max_depth(seq)
+        streak = seq.drafter_state.get("streak", 0)
+        rate = lambda key: self.stats.rate(key, streak)  # noqa: E731
         if depth > 0:
             for drafter in self.drafters:
-                drafter.propose(seq.drafter_state.setdefault(drafter.name, {}), seq.token_ids, tree, depth, self.stats.rate)
+                drafter.propose(seq.drafter_state.setdefault(drafter.name, {}), seq.token_ids, tree, depth, rate)
         return tree
 
     def draft(self, seqs: list[Sequence], batch: int) -> None:
@@ -151,8 +157,9 @@ class Speculator:
 
     def _block(self, seq: Sequence, tree: DraftTree, with_branch: bool) -> VerificationBlock:
         tokens, offsets, mask = list(tree.tokens), np.array(tree.depths), tree.ancestor_mask()
+        streak = seq.drafter_state.get("streak", 0)
         if not with_branch:
-            return VerificationBlock(tree, tokens, offsets, mask)
+            return VerificationBlock(tree, tokens, offsets, mask, streak)
         state = seq.drafter_state.setdefault(self.lookahead.name, {})
         branch = self.lookahead.branch_tokens(state, seq.token_ids)
         size, extra = len(tree), len(branch)
@@ -160,14 +167,21 @@ class Speculator:
         full[:size, :size] = mask
         full[size:, 0] = True  # the window sees the root
         full[size:, size:] = self.lookahead.mask
-        return VerificationBlock(tree, tokens + branch.tolist(), np.concatenate([offsets, self.lookahead.offsets]), full, extra)
+        offsets = np.concatenate([offsets, self.lookahead.offsets])
+        return VerificationBlock(tree, tokens + branch.tolist(), offsets, full, streak, extra)
+
+    def observe_forward(self, batch: int, drafted: int, seconds: float) -> None:
+        """A decode forward's real duration refines the latency table."""
+        if self.latency is not None:
+            self.latency.observe(batch, drafted, seconds)
 
     # ---- verification --------------------------------------------------------------------------
     def verify(self, seq: Sequence, block: VerificationBlock, logits: torch.Tensor) -> tuple[list[int], list[int]]:
         """Accept a path (lossless), learn from every row; returns the accepted nodes and emitted tokens."""
         tree = block.tree
         path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.generator)
-        self.stats.update(tree, path)
+        self.stats.update(tree, path, block.streak)
+        seq.drafter_state["streak"] = min(len(path) - 1, 2)
         if self.recycling is not None:
             self.recycling.learn(torch.tensor(tree.tokens), logits[: len(tree)])
         if block.branch_size:
