@@ -1,6 +1,7 @@
 """The command line, driven in-process on the shared model."""
 
 import io
+import json
 import sys
 
 import pytest
@@ -53,3 +54,42 @@ def test_kv_policy_options_build_the_policy_config():
     args = cli.build_parser().parse_args(["generate", "x", "--kv-policy", "snapkv", "--kv-budget", "64", "--kv-allocation", "pyramid"])
     config = cli._kv_policy(args)
     assert (config.name, config.budget, config.allocation) == ("snapkv", 64, "pyramid")
+
+
+def test_speculative_generation_prints_the_plain_greedy_text(shared_model, capsys, llm):
+    code = cli.main(["generate", "one two three one two three one two", "--max-tokens", "12", "--speculative"])
+    captured = capsys.readouterr()
+    assert code == 0
+    plain = llm.generate("one two three one two three one two", cli._sampling_params(
+        cli.build_parser().parse_args(["generate", "x", "--max-tokens", "12"])))[0].text
+    assert captured.out.strip() == plain.strip()
+
+
+def test_speculative_options_build_the_config(capsys):
+    args = cli.build_parser().parse_args(["generate", "x", "--speculative", "--drafters", "lookup", "--max-draft-nodes", "4"])
+    config = cli._speculative(args)
+    assert (config.drafters, config.max_nodes) == (("lookup",), 4)
+    assert cli._speculative(cli.build_parser().parse_args(["generate", "x"])) is None
+    assert cli.main(["generate", "hi", "--speculative", "--drafters", "eagle"]) == 2
+    assert "unknown drafter 'eagle'" in capsys.readouterr().err
+
+
+def test_bench_spec_end_to_end_writes_json_and_markdown(tmp_path):
+    questions = tmp_path / "question.jsonl"
+    lines = [
+        {"question_id": 1, "category": "summarization", "turns": ["Repeat: the cat sat on the mat. The cat sat on the mat."]},
+        {"question_id": 2, "category": "summarization", "turns": ["Not taken: one per category."]},
+        {"question_id": 3, "category": "qa", "turns": ["What is the capital of France?"]},
+    ]
+    questions.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "spec"
+    code = cli.main(["bench", "spec", "--questions", str(questions), "--per-category", "1", "--max-tokens", "12",
+                     "--no-transformers", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "spec.json").read_text())
+    assert [case["id"] for case in result["cases"]] == [1, 3]
+    assert all(case["identical"] for case in result["cases"])
+    summary = result["summary"]
+    assert set(summary) == {"summarization", "qa", "overall"}
+    assert summary["overall"]["tokens_per_step"] >= 1.0
+    assert "| summarization | 1 |" in (out / "spec.md").read_text()

@@ -100,3 +100,16 @@ def test_a_chunk_never_crosses_from_a_compressed_context_into_its_question():
         sizes.append(out.chunks[0].num_tokens)
         run_step(scheduler, out)
     assert sizes == [32, 8, 10]  # the context ends a chunk (and is compressed) before the question starts
+
+
+def test_a_draft_is_scheduled_whole_or_dropped_without_preempting_anyone():
+    scheduler = make_scheduler(max_batched_tokens=8, chunk=8)
+    a, b = seq(0, 3), seq(1, 3)
+    scheduler.add(a)
+    scheduler.add(b)
+    run_step(scheduler, scheduler.schedule())
+    a.draft, b.draft = ["root", "x", "y"], ["root"] * 7  # verification blocks of 3 and 7 rows
+    out = scheduler.schedule()
+    assert [(c.seq.request_id, c.num_tokens, c.draft is not None) for c in out.chunks] == [("r0", 3, True), ("r1", 1, False)]
+    assert out.chunks[0].completes_sequence and a.draft is None and b.draft is None
+    assert not out.preempted

@@ -97,6 +97,26 @@ def test_greedy_speculation_with_a_kv_policy_matches_plain_decoding_with_it(llm,
     assert_pool_empty(spec)
 
 
+def test_speculation_feeds_an_observing_policy_and_stays_within_its_budget(llm, prompts):
+    """H2O records the root query's attention in every verification forward and compresses every
+    4 forwards; a forward emits at most max_depth + 1 tokens."""
+    policy = KVPolicyConfig("h2o", budget=64, decode_interval=4)
+    spec = speculative(llm, ("lookup", "recycling"), kv_policy=policy)
+    engine = spec.engine
+    request = engine.add_request(spec.encode(prompts[0]), SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+    seq = engine.sequence(request)
+    most = 0
+    while engine.has_unfinished():
+        engine.step()
+        if seq.block_table is not None:
+            most = max(most, int(seq.block_table.lengths.max()))
+            assert seq.kv_attention is not None and len(seq.kv_attention) == llm.engine.model.config.num_layers
+    assert len(seq.output_token_ids) == 48
+    assert most <= 64 + 4 * (engine.speculator.config.max_depth + 1)
+    assert engine.compressor.num_compressions > 1
+    assert_pool_empty(spec)
+
+
 def _joint_counts(llm, prompt, params_list) -> Counter:
     """How often each (first, second) generated token pair came out."""
     outs = llm.generate([prompt] * len(params_list), params_list)
