@@ -37,7 +37,7 @@ def prompts():
 
 @pytest.fixture(scope="module")
 def plain_greedy(llm, prompts):
-    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
     return [out.token_ids for out in llm.with_options().generate(prompts, params)]
 
 
@@ -48,7 +48,7 @@ def speculative(llm, drafters, tune=False, **options):
 @pytest.mark.parametrize("drafters", DRAFTER_SETS, ids=["+".join(d) for d in DRAFTER_SETS])
 def test_greedy_speculation_is_identical_to_plain_greedy_batch_4(llm, prompts, plain_greedy, drafters):
     spec = speculative(llm, drafters)
-    outs = spec.generate(prompts, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))
+    outs = spec.generate(prompts, SamplingParams(max_tokens=96, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == plain_greedy
     stats = spec.engine.speculator.stats
     assert sum(stats.accepted.values()) > 0  # the drafts were used, not only verified away
@@ -59,7 +59,7 @@ def test_greedy_speculation_is_identical_to_plain_greedy_batch_4(llm, prompts, p
 def test_greedy_speculation_is_identical_to_plain_greedy_batch_1(llm, prompts, plain_greedy, drafters):
     spec = speculative(llm, drafters, tune=len(drafters) > 1)
     for prompt, expected in zip(prompts[:2], plain_greedy[:2]):
-        out = spec.generate(prompt, SamplingParams(max_tokens=128, temperature=0, ignore_eos=True))[0]
+        out = spec.generate(prompt, SamplingParams(max_tokens=96, temperature=0, ignore_eos=True))[0]
         assert out.token_ids == expected
     assert_pool_empty(spec)
 
