@@ -91,7 +91,8 @@ class Speculator:
             seq.first_logits_position = max(0, seq.num_prompt_tokens - self.config.recycling_seed_tokens)
 
     def learn_prefill(self, token_ids: list[int], logits: torch.Tensor) -> None:
-        """Prompt logits (row i after token_ids[i]) seed the successor matrix."""
+        """Logits of rows outside verification (prompt rows, plain decode rows; row i after
+        token_ids[i]) seed and refresh the successor matrix."""
         if self.recycling is not None:
             self.recycling.learn(torch.tensor(token_ids), logits)
 
