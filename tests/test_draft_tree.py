@@ -20,9 +20,10 @@ always = lambda key: 1.0  # noqa: E731
 
 def small_tree() -> DraftTree:
     """root 5 -> {7 -> {8, 9}, 6}; 7 is drafted twice (one node), 6 is less likely."""
+    rates = {("a", 1): 0.9, ("a", 2): 0.8 / 0.9, ("b", 1): 0.5, ("b", 2): 0.6}
     tree = DraftTree(5)
-    tree.add_chain(0, [7, 8], [0.9, 0.8], [("a", 1), ("a", 2)])
-    tree.add_chain(0, [7, 9], [0.5, 0.3], [("b", 1), ("b", 2)])
+    tree.add_chain(0, [7, 8], [("a", 1), ("a", 2)], rates.get)
+    tree.add_chain(0, [7, 9], [("b", 1), ("b", 2)], rates.get)  # 9: this chain's own 0.5 x 0.6
     tree.add(0, 6, 0.2, ("b", 1))
     return tree
 
@@ -154,7 +155,7 @@ def _speculator(per_token: float) -> Speculator:
 
 def test_tree_size_maximises_expected_tokens_per_second():
     tree = DraftTree(1)
-    tree.add_chain(0, [2, 3, 4, 5], [0.9, 0.8, 0.3, 0.1], [None] * 4)
+    tree.add_chain(0, [2, 3, 4, 5], [0.9, 0.8 / 0.9, 0.3 / 0.8, 0.1 / 0.3], lambda rate: rate)
     # cheap tokens (0.1 s each): keep nodes while value / cost beats the running rate
     assert _speculator(0.1)._tree_sizes([tree], 1) == [3]
     # expensive tokens: speculation does not pay, fall back to plain decoding

@@ -24,7 +24,7 @@ def _chain_block(tokens: list[int]) -> VerificationBlock:
     node = 0
     for token in tokens[1:]:
         node = tree.add(node, token, 1.0)
-    return VerificationBlock(tree, list(tree.tokens), np.array(tree.depths), tree.ancestor_mask())
+    return VerificationBlock.of_tree(tree)
 
 
 class LatencyProbe:

@@ -72,8 +72,4 @@ class LookaheadDrafter:
         for continuation in reversed(entries):  # most recent first
             chain = continuation[:max_depth]
             keys = [(self.name, depth) for depth in range(1, len(chain) + 1)]
-            values, value = [], 1.0
-            for key in keys:
-                value *= rate(key)
-                values.append(value)
-            tree.add_chain(ROOT, chain, values, keys)
+            tree.add_chain(ROOT, chain, keys, rate)

@@ -40,11 +40,7 @@ class PromptLookupDrafter:
                     return
                 continuation = token_ids[start : start + max_depth]
                 keys = [(self.name, n, depth) for depth in range(1, len(continuation) + 1)]
-                value, values = 1.0, []
-                for key in keys:
-                    value *= rate(key)
-                    values.append(value)
-                tree.add_chain(ROOT, continuation, values, keys)
+                tree.add_chain(ROOT, continuation, keys, rate)
                 found += 1
             if found:  # a longer match is the better evidence; shorter ones only when none was found
                 return

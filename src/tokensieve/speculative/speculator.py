@@ -63,6 +63,11 @@ class VerificationBlock:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @classmethod
+    def of_tree(cls, tree: DraftTree, streak: int = 0) -> "VerificationBlock":
+        """The block of the tree's nodes alone (no lookahead window)."""
+        return cls(tree, list(tree.tokens), np.array(tree.depths), tree.ancestor_mask(), streak)
+
 
 class Speculator:
     def __init__(self, config: SpeculativeConfig, vocab_size: int, latency: LatencyTable | None, max_model_len: int):
@@ -157,19 +162,18 @@ class Speculator:
         return [f and pays for f in fits]
 
     def _block(self, seq: Sequence, tree: DraftTree, with_branch: bool) -> VerificationBlock:
-        tokens, offsets, mask = list(tree.tokens), np.array(tree.depths), tree.ancestor_mask()
-        streak = seq.drafter_state.get("streak", 0)
+        block = VerificationBlock.of_tree(tree, seq.drafter_state.get("streak", 0))
         if not with_branch:
-            return VerificationBlock(tree, tokens, offsets, mask, streak)
+            return block
         state = seq.drafter_state.setdefault(self.lookahead.name, {})
         branch = self.lookahead.branch_tokens(state, seq.token_ids)
         size, extra = len(tree), len(branch)
         full = np.zeros((size + extra, size + extra), dtype=bool)
-        full[:size, :size] = mask
+        full[:size, :size] = block.mask
         full[size:, 0] = True  # the window sees the root
         full[size:, size:] = self.lookahead.mask
-        offsets = np.concatenate([offsets, self.lookahead.offsets])
-        return VerificationBlock(tree, tokens + branch.tolist(), offsets, full, streak, extra)
+        offsets = np.concatenate([block.offsets, self.lookahead.offsets])
+        return VerificationBlock(tree, block.tokens + branch.tolist(), offsets, full, block.streak, extra)
 
     def observe_forward(self, batch: int, drafted: int, seconds: float) -> None:
         """A decode forward's real duration refines the latency table."""

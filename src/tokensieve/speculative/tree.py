@@ -51,8 +51,12 @@ class DraftTree:
             self.keys[child].append(key)
         return child
 
-    def add_chain(self, parent: int, tokens, values, keys) -> None:
-        for token, value, key in zip(tokens, values, keys):
+    def add_chain(self, parent: int, tokens, keys, rate) -> None:
+        """Add `tokens` below `parent`, one per depth, valued along the chain: the value of `parent`
+        times rate(key) of every key down to the token."""
+        value = self.values[parent]
+        for token, key in zip(tokens, keys):
+            value *= rate(key)
             parent = self.add(parent, int(token), value, key)
 
     def path(self, node: int) -> list[int]:
