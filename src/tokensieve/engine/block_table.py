@@ -62,11 +62,7 @@ class BlockTable:
         moved = new_entry != entry
         layer, head = layer[moved], head[moved]
         source, destination = self.slots(layer, head, entry[moved]), self.slots(layer, head, new_entry[moved])
-        new_num_blocks = -(-counts // self.block_size)
-        index = np.arange(self.blocks.shape[2])
-        freed = self.blocks[(index >= new_num_blocks[..., None]) & (index < self.num_blocks[..., None])].tolist()
-        self.lengths = counts.astype(np.int64)
-        self.num_blocks = new_num_blocks.astype(np.int64)
+        freed = self._shorten(counts.astype(np.int64))
         self.compacted = True
         return source, destination, freed
 
@@ -80,12 +76,15 @@ class BlockTable:
         layer, head, start = layer[..., None], head[..., None], start[..., None]
         source = self.slots(layer, head, start + kept[moved]).ravel()
         destination = self.slots(layer, head, start + moved).ravel()
-        self.lengths = start[..., 0] + len(kept)
-        new_num_blocks = -(-self.lengths // self.block_size)
+        return source, destination, self._shorten(start[..., 0] + len(kept))
+
+    def _shorten(self, lengths: np.ndarray) -> list[int]:
+        """Set the new (shorter) lengths; returns the ids of the blocks no longer needed."""
+        new_num_blocks = -(-lengths // self.block_size)
         index = np.arange(self.blocks.shape[2])
         freed = self.blocks[(index >= new_num_blocks[..., None]) & (index < self.num_blocks[..., None])].tolist()
-        self.num_blocks = new_num_blocks
-        return source, destination, freed
+        self.lengths, self.num_blocks = lengths, new_num_blocks
+        return freed
 
     def layers_aligned(self) -> bool:
         """True while every (layer, head) holds the same entries in the same places (nothing evicted)."""
