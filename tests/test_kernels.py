@@ -65,7 +65,7 @@ def test_paged_decode_attention_matches_gather_and_softmax(kernels):
     lengths = torch.tensor([[5, 1], [8, 12], [3, 9]])  # ragged: every (sequence, head) has its own length
     tables = torch.randperm(64, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
     q = torch.randn(batch, kv_heads, group, dim, generator=gen)
-    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5)
+    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, torch.empty(0), torch.empty(0))
     out = kernels.paged_weighted_values(torch.softmax(scores, -1), pool_v, tables, lengths)
     for b in range(batch):
         for h in range(kv_heads):
@@ -77,14 +77,66 @@ def test_paged_decode_attention_matches_gather_and_softmax(kernels):
             assert torch.isinf(scores[b, h, :, n:]).all()
 
 
-def test_engine_without_kernels_matches_transformers(hf_model, llm):
-    """The plain-PyTorch path (used where the kernels cannot be built) stays correct too."""
-    from tokensieve import LLM, SamplingParams
+def test_paged_scores_hide_the_block_entries_a_slot_does_not_see(kernels):
+    """A draft tree's rows are slots of the group; slot s sees the block's entry t (the last
+    block_rows of each head) only where block_visibility[seq, s, t]."""
+    gen = torch.Generator().manual_seed(1)
+    batch, kv_heads, slots, heads_per_slot, dim, block_size = 2, 2, 3, 2, 16, 4
+    pool_k = torch.randn(32, block_size, dim, generator=gen)
+    lengths = torch.tensor([[6, 9], [4, 4]])
+    tables = torch.randperm(32, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
+    q = torch.randn(batch, kv_heads, slots * heads_per_slot, dim, generator=gen)
+    visibility = torch.tensor([
+        [[1, 0, 0], [1, 1, 0], [1, 0, 1]],  # a root with two children
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]],  # a chain of two rows, padded to three slots
+    ], dtype=torch.bool)
+    rows = torch.tensor([3, 2])
+    plain = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, torch.empty(0), torch.empty(0))
+    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, visibility, rows)
+    for b in range(batch):
+        for h in range(kv_heads):
+            start = int(lengths[b, h] - rows[b])
+            for g in range(slots * heads_per_slot):
+                expected = plain[b, h, g].clone()
+                for t in range(int(rows[b])):
+                    if not visibility[b, g // heads_per_slot, t]:
+                        expected[start + t] = float("-inf")
+                assert torch.equal(scores[b, h, g], expected)
+    assert torch.isinf(scores).sum() > torch.isinf(plain).sum()
 
-    plain = LLM("smollm2-135m", native_kernels=False)
-    assert plain.engine.kernels is None and plain.engine.model.lm_head.kernel is None
+
+@pytest.fixture(scope="module")
+def pytorch_llm():
+    from tokensieve import LLM
+
+    return LLM("smollm2-135m", native_kernels=False)
+
+
+def test_engine_without_kernels_matches_transformers(hf_model, llm, pytorch_llm):
+    """The plain-PyTorch path (used where the kernels cannot be built) stays correct too."""
+    from tokensieve import SamplingParams
+
+    assert pytorch_llm.engine.kernels is None and pytorch_llm.engine.model.lm_head.kernel is None
     ids = llm.encode([{"role": "user", "content": "Name three colours."}])
-    ours = plain.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
+    ours = pytorch_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
     with torch.inference_mode():
         ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
     assert ours.token_ids == ref[0, len(ids):].tolist()
+
+
+def test_speculation_without_kernels_is_identical_to_plain_greedy(pytorch_llm):
+    """Draft trees through the gather + SDPA path (its mask hides a node's non-ancestors)."""
+    from tokensieve import SamplingParams
+    from tokensieve.config import SpeculativeConfig
+
+    prompts = [
+        [{"role": "user", "content": "Repeat this list twice: apples, pears, plums, cherries, figs."}],
+        [{"role": "user", "content": "Name three colours."}],
+    ]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    plain = pytorch_llm.generate(prompts, params)
+    config = SpeculativeConfig(drafters=("lookup", "recycling"), max_nodes=12, tune=False)
+    spec = pytorch_llm.with_options(speculative=config)
+    assert [o.token_ids for o in spec.generate(prompts, params)] == [o.token_ids for o in plain]
+    assert sum(spec.engine.speculator.stats.accepted.values()) > 0
+    assert spec.engine.block_manager.num_used_blocks == 0

@@ -64,7 +64,7 @@ class SpeculativeConfig:
     tune: bool = True
     lookup_max_ngram: int = 3
     recycling_top_k: int = 8
-    recycling_seed_tokens: int = 512  # the prompt's last tokens whose logits seed the successor matrix
+    recycling_seed_tokens: int = 128  # the prompt's last tokens whose logits seed the successor matrix
     lookahead_ngram: int = 4
     lookahead_width: int = 4
 

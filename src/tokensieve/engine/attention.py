@@ -7,8 +7,9 @@ Visibility comes from the positions stored with the entries: a query at position
 entries computed at positions <= p (and > p - window with a sliding window).
 
 A speculating sequence adds several rows to the decode group, one per node of its verification
-block; they attend together over its block table, and the block's own entries (the table's last
-ones) that a row may not see (nodes outside its ancestry) are listed in `DecodeGroup.hidden`.
+block; they attend together over its block table. The block's own entries are the last ones of
+every (layer, head), and `DecodeGroup.block_visibility` says which of them each row sees (a node
+sees its ancestors, not its siblings).
 
 A KV policy that needs attention gets it through an observer: after attending, the scaled q.k
 logits of the observed queries over the sequence's stored entries are handed to it, per layer.
@@ -29,6 +30,7 @@ from .kv_pool import KVPool
 # observer(layer, logits [kv_heads, group, queries, entries], first query, observed queries this forward)
 Observer = Callable[[int, torch.Tensor, int, int], None]
 OBSERVED_QUERIES_PER_SLICE = 256  # bounds the logits held at once while observing a long chunk
+NO_BLOCKS = torch.empty(0)  # paged_scores' block arguments when no sequence verifies a draft
 
 
 @dataclass
@@ -44,18 +46,21 @@ class DecodeGroup:
     slot_of_row: torch.Tensor | None  # [rows]: seq * slots + slot of each row (None: one slot per sequence)
     layers_aligned: bool  # every layer holds the same entries at the same places: one mask serves all
     observers: dict[int, Observer] = field(default_factory=dict)  # by sequence: who records its first slot's attention
-    hidden: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (seq, slot, entries before the end) it may not see
+    block_visibility: torch.Tensor | None = None  # bool [seqs, slots, slots]: slot s sees its block's entry t
+    block_rows: torch.Tensor | None = None  # [seqs]: entries of each sequence's block (the last of each head)
 
     @property
     def num_rows(self) -> int:
         return self.row_of_slot.shape[0] if self.slot_of_row is None else self.slot_of_row.shape[0]
 
-    def hidden_entries(self, layer: int) -> tuple[torch.Tensor, ...]:
-        """Index arrays (seq, kv head, slot, entry), each [pairs, kv_heads], of the entries hidden in `layer`."""
-        seqs, slots, from_end = self.hidden
-        entries = self.lengths[layer][seqs] - from_end.unsqueeze(-1)
-        heads = torch.arange(entries.shape[-1], device=entries.device).expand_as(entries)
-        return seqs.unsqueeze(-1).expand_as(entries), heads, slots.unsqueeze(-1).expand_as(entries), entries
+    def hide_block_entries(self, layer: int, mask: torch.Tensor) -> None:
+        """Clear, in mask [seqs, kv_heads, slots, entries], the block entries a slot does not see."""
+        slots = self.row_of_slot.shape[1]
+        last = self.block_rows.view(-1, 1, 1) - 1
+        t = torch.minimum(torch.arange(slots, device=mask.device).view(1, 1, -1), last)  # padding repeats the last
+        entries = (self.lengths[layer].unsqueeze(-1) - 1 - last + t).unsqueeze(2).expand(-1, -1, slots, -1)
+        seen = self.block_visibility.gather(-1, t.expand(-1, slots, -1)).unsqueeze(1)
+        mask.scatter_(-1, entries, mask.gather(-1, entries) & seen)
 
 
 @dataclass
@@ -155,12 +160,12 @@ class PagedAttention:
         if self.sliding_window is None:  # every stored entry precedes the query
             entries = group.block_tables.shape[-1] * self.pool.block_size
             mask = (torch.arange(entries, device=lengths.device) < lengths.unsqueeze(-1)).unsqueeze(-2)
-            mask = mask.expand(-1, -1, group.row_of_slot.shape[1], -1).clone() if group.hidden is not None else mask
+            mask = mask.expand(-1, -1, group.row_of_slot.shape[1], -1).clone() if group.block_visibility is not None else mask
         else:
             entry_positions = self._entry_positions(group.block_tables[layer])
             mask = self._visible(lengths, entry_positions, group.query_positions.unsqueeze(1))
-        if group.hidden is not None:
-            mask[group.hidden_entries(layer)] = False
+        if group.block_visibility is not None:
+            group.hide_block_entries(layer, mask)
         return mask
 
     def _grouped_queries(self, q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -204,11 +209,8 @@ class PagedAttention:
         head_dim = q.shape[-1]
         tables, lengths = group.block_tables[layer], group.lengths[layer]
         grouped_q = self._grouped_queries(q, tables.shape[1]).contiguous()
-        scores = self.kernels.paged_scores(grouped_q, self.pool.keys, tables, lengths, head_dim**-0.5)
-        if group.hidden is not None:
-            seqs, heads, slots, entries = group.hidden_entries(layer)
-            per_slot = scores.view(scores.shape[0], scores.shape[1], group.row_of_slot.shape[1], -1, scores.shape[-1])
-            per_slot[seqs, heads, slots, :, entries] = float("-inf")
+        blocks = (group.block_visibility, group.block_rows) if group.block_visibility is not None else (NO_BLOCKS, NO_BLOCKS)
+        scores = self.kernels.paged_scores(grouped_q, self.pool.keys, tables, lengths, head_dim**-0.5, *blocks)
         group_size = q.shape[1] // tables.shape[1]
         for seq, observer in group.observers.items():
             observer(layer, scores[seq, :, :group_size].unsqueeze(2), 0, 1)

@@ -16,7 +16,7 @@ from .scheduler import ScheduledChunk
 from .sequence import Sequence
 
 PROBE_CONTEXT = 256
-REPEATS = 3
+ROUNDS = 5
 
 
 def _chain_block(tokens: list[int]) -> VerificationBlock:
@@ -31,14 +31,16 @@ class LatencyProbe:
     def __init__(self, runner: ModelRunner, block_manager: BlockManager, vocab_size: int):
         self.runner, self.block_manager, self.vocab_size = runner, block_manager, vocab_size
 
-    def __call__(self, batch: int, drafted: int) -> float:
-        """Best of a few timings of one forward (inf when the pool has no room for the probe)."""
+    def __call__(self, batch: int, grid: list[int]) -> list[float]:
+        """Median seconds of a forward carrying each number of drafted tokens in `grid` (inf for all
+        when the pool has no room). The grid is timed round after round, so that a noisy moment
+        of the machine spreads over every point instead of inflating one."""
         rng = np.random.default_rng(batch)
-        per_seq = [drafted // batch + (i < drafted % batch) for i in range(batch)]
         manager = self.block_manager
-        needed = batch * manager.num_layers * manager.num_kv_heads * -(-(PROBE_CONTEXT + max(per_seq) + 1) // manager.block_size)
+        most = -(-max(grid) // batch)
+        needed = batch * manager.num_layers * manager.num_kv_heads * -(-(PROBE_CONTEXT + most + 1) // manager.block_size)
         if needed > manager.num_free_blocks:
-            return float("inf")
+            return [float("inf")] * len(grid)
         seqs = []
         try:
             for i in range(batch):
@@ -49,21 +51,33 @@ class LatencyProbe:
                 manager.reserve(seq.block_table, PROBE_CONTEXT)
                 self.runner.run([ScheduledChunk(seq, PROBE_CONTEXT)])
                 seq.num_processed = PROBE_CONTEXT
-            chunks = [
-                ScheduledChunk(seq, n + 1, _chain_block(rng.integers(0, self.vocab_size, n + 1).tolist())) if n
-                else ScheduledChunk(seq, 1)
-                for seq, n in zip(seqs, per_seq)
-            ]
-            timings = []
-            for _ in range(REPEATS + 1):  # the first run warms up
-                for chunk in chunks:
-                    manager.reserve(chunk.seq.block_table, chunk.num_tokens)
-                began = time.perf_counter()
-                self.runner.run(chunks)
-                timings.append(time.perf_counter() - began)
-                for chunk in chunks:
-                    manager.keep_appended(chunk.seq.block_table, chunk.num_tokens, np.zeros(0, dtype=np.int64))
-            return min(timings[1:])
+            forwards = [self._chunks(seqs, drafted, rng) for drafted in grid]
+            timings = [[] for _ in grid]
+            for rounds in range(ROUNDS + 1):  # the first round warms up
+                for chunks, times in zip(forwards, timings):
+                    seconds = self._time(chunks)
+                    if rounds:
+                        times.append(seconds)
+            return [float(np.median(times)) for times in timings]
         finally:
             for seq in seqs:
                 manager.drop(seq.block_table)
+
+    def _chunks(self, seqs: list[Sequence], drafted: int, rng) -> list[ScheduledChunk]:
+        per_seq = [drafted // len(seqs) + (i < drafted % len(seqs)) for i in range(len(seqs))]
+        return [
+            ScheduledChunk(seq, n + 1, _chain_block(rng.integers(0, self.vocab_size, n + 1).tolist())) if n
+            else ScheduledChunk(seq, 1)
+            for seq, n in zip(seqs, per_seq)
+        ]
+
+    def _time(self, chunks: list[ScheduledChunk]) -> float:
+        """One forward, then its entries dropped again."""
+        for chunk in chunks:
+            self.block_manager.reserve(chunk.seq.block_table, chunk.num_tokens)
+        began = time.perf_counter()
+        self.runner.run(chunks)
+        seconds = time.perf_counter() - began
+        for chunk in chunks:
+            self.block_manager.keep_appended(chunk.seq.block_table, chunk.num_tokens, np.zeros(0, dtype=np.int64))
+        return seconds

@@ -112,24 +112,23 @@ class ModelRunner:
         slots = int(rows.max())
         slot = np.arange(slots)
         row_of_slot = first_row[:, None] + np.where(slot < rows[:, None], slot, 0)  # padding repeats the first row
-        slot_of_row = hidden = None
+        slot_of_row = visibility = None
         if slots > 1:
             seq_of_row = np.repeat(np.arange(len(chunks)), rows)
             slot_of_row = self._tensor(seq_of_row * slots + np.arange(rows.sum()) - first_row[seq_of_row])
-            hidden = self._hidden_entries(chunks)
+            visibility = self._tensor(self._block_visibility(chunks, slots))
         return DecodeGroup(
             self._tensor(tables), self._tensor(lengths), self._tensor(query_positions[row_of_slot]),
-            self._tensor(row_of_slot), slot_of_row, aligned, observers, hidden,
+            self._tensor(row_of_slot), slot_of_row, aligned, observers,
+            visibility, self._tensor(rows) if visibility is not None else None,
         )
 
-    def _hidden_entries(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, ...]:
-        """(sequence, slot, entries before the end) of every block entry a slot may not see."""
-        seqs, slots, from_end = [], [], []
+    @staticmethod
+    def _block_visibility(chunks: list[ScheduledChunk], slots: int) -> np.ndarray:
+        """[seqs, slots, slots]: which of its block's own entries each slot sees (padding sees all)."""
+        visibility = np.ones((len(chunks), slots, slots), dtype=bool)
         for index, chunk in enumerate(chunks):
             if chunk.draft is not None:
-                mask = chunk.draft.mask
-                slot, entry = np.nonzero(~mask)
-                seqs.append(np.full(len(slot), index))
-                slots.append(slot)
-                from_end.append(len(mask) - entry)
-        return tuple(self._tensor(np.concatenate(x).astype(np.int64)) for x in (seqs, slots, from_end))
+                rows = len(chunk.draft)
+                visibility[index, :rows, :rows] = chunk.draft.mask
+        return visibility

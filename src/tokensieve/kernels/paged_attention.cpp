@@ -3,6 +3,10 @@
 // Each (sequence, KV head) has its own block list and length. paged_scores computes, for the G query
 // heads sharing that KV head, q . k * scale for every stored entry (-inf past the length);
 // after a softmax, paged_weighted_values sums p * v. No copy of the cache is made.
+//
+// A sequence verifying a draft tree has one "slot" per node (its G query heads are slots x heads
+// per slot); the tree's own entries are the last block_rows[seq] of each head, and slot s sees
+// entry t of them only if block_visibility[seq][s][t] (a node sees its ancestors, not its siblings).
 #include "kernels.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -26,6 +30,33 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// acc[0..dim) = sum over the first `length` entries of p[i] * value(i), entry after entry.
+inline void weighted_sum(const float* __restrict__ p, const float* __restrict__ values, const int64_t* blocks,
+                         int64_t length, int64_t block_size, int64_t dim, float* __restrict__ acc) {
+#if defined(__AVX512F__)
+  constexpr int kMaxVectors = 16;
+  if (dim % 16 == 0 && dim / 16 <= kMaxVectors) {  // the sums stay in registers
+    const int64_t vectors = dim / 16;
+    __m512 sum[kMaxVectors];
+    for (int64_t v = 0; v < vectors; ++v) sum[v] = _mm512_setzero_ps();
+    for (int64_t start = 0; start < length; start += block_size) {
+      const float* row = values + blocks[start / block_size] * block_size * dim;
+      for (int64_t i = start; i < std::min(start + block_size, length); ++i, row += dim) {
+        const __m512 weight = _mm512_set1_ps(p[i]);
+        for (int64_t v = 0; v < vectors; ++v)  // multiply, then add: the rounding of the scalar loop below
+          sum[v] = _mm512_add_ps(sum[v], _mm512_mul_ps(weight, _mm512_loadu_ps(row + 16 * v)));
+      }
+    }
+    for (int64_t v = 0; v < vectors; ++v) _mm512_storeu_ps(acc + 16 * v, sum[v]);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < length; ++i) {
+    const float* row = values + (blocks[i / block_size] * block_size + i % block_size) * dim;
+    for (int64_t d = 0; d < dim; ++d) acc[d] += p[i] * row[d];
+  }
+}
+
 struct Layout {
   int64_t batch, kv_heads, group, dim, block_size, max_blocks;
 };
@@ -43,8 +74,21 @@ Layout check(const torch::Tensor& per_head, const torch::Tensor& pool, const tor
 }  // namespace
 
 torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tensor block_tables, torch::Tensor lengths,
-                           double scale) {
+                           double scale, torch::Tensor block_visibility, torch::Tensor block_rows) {
   const Layout L = check(q, key_pool, block_tables, lengths);
+  const bool has_blocks = block_visibility.numel() > 0;
+  int64_t slots = 1;
+  if (has_blocks) {
+    TORCH_CHECK(block_visibility.scalar_type() == torch::kBool && block_visibility.is_contiguous() && block_visibility.dim() == 3 &&
+                    block_visibility.size(0) == L.batch && block_visibility.size(1) == block_visibility.size(2) &&
+                    L.group % block_visibility.size(1) == 0,
+                "block_visibility must be a contiguous bool [batch, slots, slots] tensor");
+    TORCH_CHECK(block_rows.scalar_type() == torch::kInt64 && block_rows.numel() == L.batch, "block_rows must be int64 [batch]");
+    slots = block_visibility.size(1);
+  }
+  const bool* visibility = has_blocks ? block_visibility.data_ptr<bool>() : nullptr;
+  const int64_t* rows = has_blocks ? block_rows.data_ptr<int64_t>() : nullptr;
+  const int64_t heads_per_slot = L.group / slots;
   const int64_t max_entries = L.max_blocks * L.block_size;
   auto scores = torch::empty({L.batch, L.kv_heads, L.group, max_entries}, q.options());
   const float* qp = q.data_ptr<float>();
@@ -60,17 +104,24 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t item = unit / runs, first = (unit % runs) * kEntriesPerUnit;
       const int64_t last = std::min(first + kEntriesPerUnit, max_entries);
-      const int64_t length = lens[item];
+      const int64_t length = lens[item], seq = item / L.kv_heads;
+      const int64_t block_start = has_blocks ? length - rows[seq] : length;
       const int64_t* blocks = tables + item * L.max_blocks;
-      for (int64_t i = first; i < last; ++i) {
-        float* row = sp + item * L.group * max_entries + i;
-        if (i >= length) {
-          for (int64_t g = 0; g < L.group; ++g) row[g * max_entries] = -std::numeric_limits<float>::infinity();
-          continue;
+      const float* queries = qp + item * L.group * L.dim;
+      float* out = sp + item * L.group * max_entries;
+      const int64_t stored_end = std::min(last, length);
+      for (int64_t i = stored_end; i < last; ++i)
+        for (int64_t g = 0; g < L.group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
+      for (int64_t i = first; i < stored_end;) {  // block by block: keys lie contiguous within a block
+        const int64_t in_block = i % L.block_size, block_end = std::min(stored_end, i + L.block_size - in_block);
+        const float* key = kp + (blocks[i / L.block_size] * L.block_size + in_block) * L.dim;
+        for (; i < block_end; ++i, key += L.dim) {
+          for (int64_t g = 0; g < L.group; ++g) {
+            const bool seen = i < block_start || visibility[(seq * slots + g / heads_per_slot) * slots + i - block_start];
+            out[g * max_entries + i] = seen ? dot(queries + g * L.dim, key, L.dim) * fscale
+                                            : -std::numeric_limits<float>::infinity();
+          }
         }
-        const float* key = kp + (blocks[i / L.block_size] * L.block_size + i % L.block_size) * L.dim;
-        for (int64_t g = 0; g < L.group; ++g)
-          row[g * max_entries] = dot(qp + (item * L.group + g) * L.dim, key, L.dim) * fscale;
       }
     }
   });
@@ -91,14 +142,8 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_poo
   at::parallel_for(0, L.batch * L.kv_heads * L.group, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t item = unit / L.group;
-      const int64_t length = lens[item];
       const int64_t* blocks = tables + item * L.max_blocks;
-      const float* p = pp + unit * max_entries;
-      float* acc = op + unit * L.dim;
-      for (int64_t i = 0; i < length; ++i) {
-        const float* value = vp + (blocks[i / L.block_size] * L.block_size + i % L.block_size) * L.dim;
-        for (int64_t d = 0; d < L.dim; ++d) acc[d] += p[i] * value[d];
-      }
+      weighted_sum(pp + unit * max_entries, vp, blocks, lens[item], L.block_size, L.dim, op + unit * L.dim);
     }
   });
   return out;

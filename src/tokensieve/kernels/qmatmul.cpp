@@ -71,33 +71,48 @@ inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t row_bytes,
     for (int c = 0; c < C; ++c) out[r * N + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
+// Rows kRows at a time, then the rest in one more pass over the C weight rows. kRows x C
+// accumulators, plus C dequantized pairs and one x pair, fit AVX-512's 32 registers.
 template <int KIND, int C>
 inline void all_rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t row_bytes, const float* scales,
                      const float* mins, float* out, int64_t N) {
+  constexpr int kRows = C == 4 ? 4 : 8;
   int64_t r = 0;
-  for (; r + 4 <= M; r += 4) tile<KIND, 4, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
+  for (; r + kRows <= M; r += kRows) tile<KIND, kRows, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
   const float* xr = x + r * K;
   float* o = out + r * N;
-  switch (M - r) {  // the remaining rows in one pass over the weights
+  switch (M - r) {
+    case 7: if constexpr (kRows > 7) tile<KIND, 7, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
+    case 6: if constexpr (kRows > 6) tile<KIND, 6, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
+    case 5: if constexpr (kRows > 5) tile<KIND, 5, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
+    case 4: if constexpr (kRows > 4) tile<KIND, 4, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
     case 3: tile<KIND, 3, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
     case 2: tile<KIND, 2, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
     case 1: tile<KIND, 1, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
   }
 }
 
-// Outputs four at a time; their weight rows stay in L1 while every group of rows uses them, so a
-// verification forward of 16 tokens streams the weights once, as decoding one token does.
-template <int KIND>
-void rows_of_output(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes,
-                    const float* scales, const float* mins, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+// Outputs C at a time (4 for up to 4 rows, else 2 so that 8 rows share a pass); their weight rows
+// stay in L1 while every group of rows uses them, so a verification forward of 16 tokens streams
+// the weights once, as decoding one token does.
+template <int KIND, int C>
+void outputs_by(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes,
+                const float* scales, const float* mins, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t num_blocks = K / kBlock;
   int64_t n = n_begin;
-  for (; n + 4 <= n_end; n += 4)
-    all_rows<KIND, 4>(x, M, K, qweight + n * row_bytes, row_bytes, scales + n * num_blocks,
+  for (; n + C <= n_end; n += C)
+    all_rows<KIND, C>(x, M, K, qweight + n * row_bytes, row_bytes, scales + n * num_blocks,
                       KIND == Q4_1 ? mins + n * num_blocks : nullptr, out + n, N);
   for (; n < n_end; ++n)
     all_rows<KIND, 1>(x, M, K, qweight + n * row_bytes, row_bytes, scales + n * num_blocks,
                       KIND == Q4_1 ? mins + n * num_blocks : nullptr, out + n, N);
+}
+
+template <int KIND>
+void rows_of_output(const float* x, int64_t M, int64_t K, const uint8_t* qweight, int64_t row_bytes,
+                    const float* scales, const float* mins, float* out, int64_t N, int64_t n_begin, int64_t n_end) {
+  if (M <= 4) outputs_by<KIND, 4>(x, M, K, qweight, row_bytes, scales, mins, out, N, n_begin, n_end);
+  else outputs_by<KIND, 2>(x, M, K, qweight, row_bytes, scales, mins, out, N, n_begin, n_end);
 }
 
 #else  // portable fallback

@@ -13,7 +13,7 @@ import torch
 
 # GGUF block layouts: bytes per 32 weights, and our kernel's code for each type
 BLOCK_LAYOUTS = {"Q4_0": (18, 0), "Q4_1": (20, 1), "Q8_0": (34, 2)}
-MAX_KERNEL_ROWS = 16  # above this, the dense float32 matmul (compute-bound) is faster
+MAX_KERNEL_ROWS = 24  # above this, the dense float32 matmul (compute-bound) is faster
 
 
 @dataclass

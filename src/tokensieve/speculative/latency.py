@@ -16,9 +16,11 @@ LEARNING_RATE = 0.1  # weight of one observed forward in the refined latency
 
 
 class LatencyTable:
-    def __init__(self, measure: Callable[[int, int], float], max_drafted: Callable[[int], int], cache_file: Path | None):
-        """`measure(batch, drafted)`: seconds of one forward of `batch` decoding sequences carrying
-        `drafted` draft tokens in all; `max_drafted(batch)`: the most a forward may carry."""
+    def __init__(
+        self, measure: Callable[[int, list[int]], list[float]], max_drafted: Callable[[int], int], cache_file: Path | None
+    ):
+        """`measure(batch, grid)`: seconds of one forward of `batch` decoding sequences carrying each
+        number of drafted tokens in `grid` in all; `max_drafted(batch)`: the most a forward may carry."""
         self._measure = measure
         self._max_drafted = max_drafted
         self.cache_file = cache_file
@@ -57,7 +59,7 @@ class LatencyTable:
     def _measure_batch(self, batch: int) -> None:
         limit = self._max_drafted(batch)
         grid = [d for d in DRAFTED_TOKENS if d <= limit]
-        seconds = [self._measure(batch, d) for d in grid]
+        seconds = self._measure(batch, grid)
         # latency cannot fall as tokens are added; a lower later reading is noise on the earlier one
         seconds = np.minimum.accumulate(np.array(seconds)[::-1])[::-1]
         self.table[batch] = (np.array(grid, dtype=float), seconds)
