@@ -11,7 +11,8 @@ from tokensieve.sampling_params import SamplingParams
 from tokensieve.speculative.lookahead import LookaheadDrafter
 from tokensieve.speculative.prompt_lookup import PromptLookupDrafter
 from tokensieve.speculative.recycling import TokenRecyclingDrafter, static_tree
-from tokensieve.speculative.speculator import AcceptanceStats, Speculator
+from tokensieve.speculative.latency import LEARNING_RATE, LatencyTable
+from tokensieve.speculative.speculator import EXPLORE_EVERY, AcceptanceStats, Speculator
 from tokensieve.speculative.tree import DraftTree
 from tokensieve.speculative.verify import accept_path
 
@@ -158,8 +159,27 @@ def test_tree_size_maximises_expected_tokens_per_second():
     tree.add_chain(0, [2, 3, 4, 5], [0.9, 0.8 / 0.9, 0.3 / 0.8, 0.1 / 0.3], lambda rate: rate)
     # cheap tokens (0.1 s each): keep nodes while value / cost beats the running rate
     assert _speculator(0.1)._tree_sizes([tree], 1) == [3]
-    # expensive tokens: speculation does not pay, fall back to plain decoding
-    assert _speculator(2.0)._tree_sizes([tree], 1) == [0]
+    # expensive tokens: speculation does not pay, fall back to plain decoding...
+    speculator = _speculator(2.0)
+    speculator.num_forwards = 1
+    assert speculator._tree_sizes([tree], 1) == [0]
+    # ...except every EXPLORE_EVERY forwards, when the best node still runs (to keep measuring)
+    speculator.num_forwards = EXPLORE_EVERY
+    assert speculator._tree_sizes([tree], 1) == [1]
+
+
+def test_latency_table_follows_real_forwards():
+    """A plain forward shifts the whole curve (a longer context slows every forward); a drafted
+    one moves only the grid points around it."""
+    table = LatencyTable(lambda batch, grid: [1.0 + 0.1 * d for d in grid], lambda batch: 8, None)
+    before = table.seconds(1, np.arange(9))
+    table.observe(1, 0, 2.0)  # plain forwards got 1 s slower
+    assert np.allclose(table.seconds(1, np.arange(9)), before + LEARNING_RATE * 1.0)
+    shifted = table.seconds(1, np.arange(9))
+    table.observe(1, 5, 10.0)  # between grid points 4 and 6: both move, the ones before stay
+    after = table.seconds(1, np.arange(9))
+    assert after[4] > shifted[4] and after[6] > shifted[6] and after[3] == shifted[3]
+    assert (np.diff(after) >= 0).all()  # latency never falls as tokens are added
 
 
 def test_keep_appended_moves_the_accepted_path_behind_the_prefix_and_frees_the_rest():

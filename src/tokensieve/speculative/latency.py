@@ -40,20 +40,25 @@ class LatencyTable:
         return np.where(drafted <= xs[-1], np.interp(drafted, xs, ys), ys[-1] + slope * (drafted - xs[-1]))
 
     def observe(self, batch: int, drafted: int, seconds: float) -> None:
-        """Move the table toward a measured forward, at the grid points around `drafted`."""
+        """Move the table toward a measured forward. A plain forward moves the whole curve (what
+        makes it slower or faster, a longer or shorter context, weighs on every forward); one
+        with drafted tokens moves the grid points around `drafted`."""
         if batch not in self.table:
             return
         xs, ys = self.table[batch]
         if drafted > xs[-1]:
             return
-        upper = int(np.searchsorted(xs, drafted))
-        lower = max(upper - 1, 0) if xs[upper] != drafted else upper
-        weight = 1.0 if lower == upper else (drafted - xs[lower]) / (xs[upper] - xs[lower])
         error = seconds - float(np.interp(drafted, xs, ys))
         ys = ys.copy()
-        ys[upper] += LEARNING_RATE * weight * error
-        if lower != upper:
-            ys[lower] += LEARNING_RATE * (1 - weight) * error
+        if drafted == 0:
+            ys += LEARNING_RATE * error
+        else:
+            upper = int(np.searchsorted(xs, drafted))
+            lower = upper - 1 if xs[upper] != drafted else upper
+            weight = 1.0 if lower == upper else (drafted - xs[lower]) / (xs[upper] - xs[lower])
+            ys[upper] += LEARNING_RATE * weight * error
+            if lower != upper:
+                ys[lower] += LEARNING_RATE * (1 - weight) * error
         self.table[batch] = (xs, np.maximum.accumulate(ys))
 
     def _measure_batch(self, batch: int) -> None:

@@ -19,7 +19,7 @@ from .recycling import TokenRecyclingDrafter
 from .tree import DraftTree
 from .verify import accept_path
 
-LOOKAHEAD_EXPLORE_EVERY = 32  # forwards; the Jacobi window also runs this often when it does not pay yet
+EXPLORE_EVERY = 32  # forwards; this often a draft (its best node, the Jacobi window) runs even when it does not seem to pay
 
 
 class AcceptanceStats:
@@ -130,7 +130,9 @@ class Speculator:
 
     def _tree_sizes(self, trees: list[DraftTree], batch: int) -> list[int]:
         """Drafted nodes per tree: all ranked nodes of all trees compete for one forward, and the count
-        kept maximises expected emitted tokens per second (1 + the kept nodes' acceptance chances)."""
+        kept maximises expected emitted tokens per second (1 + the kept nodes' acceptance chances).
+        Every EXPLORE_EVERY forwards at least the best node is kept, so that the latency and
+        acceptance estimates that made speculation stop keep being measured."""
         limit = self.config.max_nodes
         if self.latency is None:
             return [min(limit, tree.num_drafted) for tree in trees]
@@ -141,6 +143,8 @@ class Speculator:
         expected = batch + np.cumsum([0.0] + [value for value, _ in items])
         seconds = self.latency.seconds(batch, np.arange(len(items) + 1))
         best = int(np.argmax(expected / seconds))
+        if best == 0 and items and self.num_forwards % EXPLORE_EVERY == 0:
+            best = 1
         sizes = [0] * len(trees)
         for _, index in items[:best]:
             sizes[index] += 1
@@ -152,7 +156,7 @@ class Speculator:
         fits = [self._max_depth(seq) > self.lookahead.levels + self.lookahead.width if self.lookahead else False for seq in seqs]
         if self.lookahead is None or len(self.drafters) == 1 or self.latency is None:
             return fits
-        if self.num_forwards % LOOKAHEAD_EXPLORE_EVERY == 0:
+        if self.num_forwards % EXPLORE_EVERY == 0:
             return fits
         drafted = sum(sizes)
         expected = batch + sum(sum(sorted(t.values[1:], reverse=True)[:s]) for t, s in zip(trees, sizes))
