@@ -30,6 +30,18 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// f(i, row) for entries first..end-1 of one (sequence, KV head), row pointing at entry i's vector in
+// the pool: block by block, since entries lie contiguous within a block.
+template <typename F>
+inline void for_each_entry(const float* pool, const int64_t* blocks, int64_t block_size, int64_t dim, int64_t first,
+                           int64_t end, F&& f) {
+  for (int64_t i = first; i < end;) {
+    const int64_t in_block = i % block_size, block_end = std::min(end, i + block_size - in_block);
+    const float* row = pool + (blocks[i / block_size] * block_size + in_block) * dim;
+    for (; i < block_end; ++i, row += dim) f(i, row);
+  }
+}
+
 // acc[0..dim) = sum over the first `length` entries of p[i] * value(i), entry after entry.
 inline void weighted_sum(const float* __restrict__ p, const float* __restrict__ values, const int64_t* blocks,
                          int64_t length, int64_t block_size, int64_t dim, float* __restrict__ acc) {
@@ -39,22 +51,18 @@ inline void weighted_sum(const float* __restrict__ p, const float* __restrict__ 
     const int64_t vectors = dim / 16;
     __m512 sum[kMaxVectors];
     for (int64_t v = 0; v < vectors; ++v) sum[v] = _mm512_setzero_ps();
-    for (int64_t start = 0; start < length; start += block_size) {
-      const float* row = values + blocks[start / block_size] * block_size * dim;
-      for (int64_t i = start; i < std::min(start + block_size, length); ++i, row += dim) {
-        const __m512 weight = _mm512_set1_ps(p[i]);
-        for (int64_t v = 0; v < vectors; ++v)  // multiply, then add: the rounding of the scalar loop below
-          sum[v] = _mm512_add_ps(sum[v], _mm512_mul_ps(weight, _mm512_loadu_ps(row + 16 * v)));
-      }
-    }
+    for_each_entry(values, blocks, block_size, dim, 0, length, [&](int64_t i, const float* row) {
+      const __m512 weight = _mm512_set1_ps(p[i]);
+      for (int64_t v = 0; v < vectors; ++v)  // multiply, then add: the rounding of the scalar loop below
+        sum[v] = _mm512_add_ps(sum[v], _mm512_mul_ps(weight, _mm512_loadu_ps(row + 16 * v)));
+    });
     for (int64_t v = 0; v < vectors; ++v) _mm512_storeu_ps(acc + 16 * v, sum[v]);
     return;
   }
 #endif
-  for (int64_t i = 0; i < length; ++i) {
-    const float* row = values + (blocks[i / block_size] * block_size + i % block_size) * dim;
+  for_each_entry(values, blocks, block_size, dim, 0, length, [&](int64_t i, const float* row) {
     for (int64_t d = 0; d < dim; ++d) acc[d] += p[i] * row[d];
-  }
+  });
 }
 
 struct Layout {
@@ -112,17 +120,13 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
       const int64_t stored_end = std::min(last, length);
       for (int64_t i = stored_end; i < last; ++i)
         for (int64_t g = 0; g < L.group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
-      for (int64_t i = first; i < stored_end;) {  // block by block: keys lie contiguous within a block
-        const int64_t in_block = i % L.block_size, block_end = std::min(stored_end, i + L.block_size - in_block);
-        const float* key = kp + (blocks[i / L.block_size] * L.block_size + in_block) * L.dim;
-        for (; i < block_end; ++i, key += L.dim) {
-          for (int64_t g = 0; g < L.group; ++g) {
-            const bool seen = i < block_start || visibility[(seq * slots + g / heads_per_slot) * slots + i - block_start];
-            out[g * max_entries + i] = seen ? dot(queries + g * L.dim, key, L.dim) * fscale
-                                            : -std::numeric_limits<float>::infinity();
-          }
+      for_each_entry(kp, blocks, L.block_size, L.dim, first, stored_end, [&](int64_t i, const float* key) {
+        for (int64_t g = 0; g < L.group; ++g) {
+          const bool seen = i < block_start || visibility[(seq * slots + g / heads_per_slot) * slots + i - block_start];
+          out[g * max_entries + i] = seen ? dot(queries + g * L.dim, key, L.dim) * fscale
+                                          : -std::numeric_limits<float>::infinity();
         }
-      }
+      });
     }
   });
   return scores;
