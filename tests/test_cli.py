@@ -92,4 +92,6 @@ def test_bench_spec_end_to_end_writes_json_and_markdown(tmp_path):
     summary = result["summary"]
     assert set(summary) == {"summarization", "qa", "overall"}
     assert summary["overall"]["tokens_per_step"] >= 1.0
+    assert all(0 < case["spec_first_s"] <= case["spec_s"] for case in result["cases"])
+    assert summary["overall"]["decode_speedup_vs_plain"] > 0
     assert "| summarization | 1 |" in (out / "spec.md").read_text()

@@ -77,6 +77,27 @@ def test_paged_decode_attention_matches_gather_and_softmax(kernels):
             assert torch.isinf(scores[b, h, :, n:]).all()
 
 
+def test_paged_attention_of_a_query_does_not_depend_on_the_others_in_its_group(kernels):
+    """Greedy speculation is only lossless if a row's attention is bit for bit the same whether it is
+    decoded alone or verified among the rows of a draft tree."""
+    gen = torch.Generator().manual_seed(2)
+    kv_heads, group, dim, block_size = 2, 12, 64, 16
+    pool_k = torch.randn(16, block_size, dim, generator=gen)
+    pool_v = torch.randn(16, block_size, dim, generator=gen)
+    lengths = torch.tensor([[37, 50]])
+    tables = torch.randperm(16, generator=gen)[: kv_heads * 4].view(1, kv_heads, 4)
+    q = torch.randn(1, kv_heads, group, dim, generator=gen)
+    empty = torch.empty(0)
+    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, empty, empty)
+    probs = torch.softmax(scores, -1)
+    out = kernels.paged_weighted_values(probs, pool_v, tables, lengths)
+    for g in range(group):
+        alone = kernels.paged_scores(q[:, :, g : g + 1].contiguous(), pool_k, tables, lengths, dim**-0.5, empty, empty)
+        assert torch.equal(alone[:, :, 0], scores[:, :, g])
+        values = kernels.paged_weighted_values(probs[:, :, g : g + 1].contiguous(), pool_v, tables, lengths)
+        assert torch.equal(values[:, :, 0], out[:, :, g])
+
+
 def test_paged_scores_hide_the_block_entries_a_slot_does_not_see(kernels):
     """A draft tree's rows are slots of the group; slot s sees the block's entry t (the last
     block_rows of each head) only where block_visibility[seq, s, t]."""

@@ -2,7 +2,10 @@
 //
 // Each (sequence, KV head) has its own block list and length. paged_scores computes, for the G query
 // heads sharing that KV head, q . k * scale for every stored entry (-inf past the length);
-// after a softmax, paged_weighted_values sums p * v. No copy of the cache is made.
+// after a softmax, paged_weighted_values sums p * v. No copy of the cache is made. Scores are taken 16
+// entries at a time (one horizontal sum for all 16), and value vectors are loaded once for several
+// queries; a query's result never depends on the other queries in the call, so a row verified in a
+// draft tree gets exactly what it would get decoded alone.
 //
 // A sequence verifying a draft tree has one "slot" per node (its G query heads are slots x heads
 // per slot); the tree's own entries are the last block_rows[seq] of each head, and slot s sees
@@ -17,52 +20,134 @@
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
 #if defined(__AVX512F__)
-  if (n % 16 == 0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    return _mm512_reduce_add_ps(acc);
+// One vector whose lane e is the sum of the lanes of acc[e]: halves, then quarters, then pairs are
+// added, in a tree that is the same for every lane, so an entry's dot does not depend on its neighbours.
+inline __m512 sum_lanes_of_16(const __m512 (&acc)[16]) {
+  __m512 halves[8], quarters[4], pairs[2];
+  for (int j = 0; j < 8; ++j)  // lanes 0-7: entry 2j, lanes 8-15: entry 2j+1
+    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * j], acc[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                              _mm512_shuffle_f32x4(acc[2 * j], acc[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int j = 0; j < 4; ++j)  // 128-bit lane k: entry 4j+k
+    quarters[j] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int j = 0; j < 2; ++j)  // 128-bit lane k: entries 8j+k (two partials), then 8j+4+k
+    pairs[j] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane 4k+m holds entry 4m+k
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
+}
+#endif
+
+#if defined(__AVX512F__)
+// out[e] = query . keys[e] for n <= 16 entries lying one after another, dim = 16 V.
+template <int V>
+void dots(const float* query, const float* keys, int64_t n, float* out) {
+  __m512 q[V], acc[16];
+  for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(query + 16 * v);
+  for (int e = 0; e < 16; ++e) acc[e] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < n; ++e)
+    for (int v = 0; v < V; ++v) acc[e] = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(keys + e * 16 * V + 16 * v), acc[e]);
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, sum_lanes_of_16(acc));
+  std::copy(sums, sums + n, out);
+}
+#endif
+
+inline void dots_any(const float* query, const float* keys, int64_t n, int64_t dim, float* out) {
+#if defined(__AVX512F__)
+  switch (dim % 16 == 0 ? dim / 16 : 0) {
+    case 2: return dots<2>(query, keys, n, out);
+    case 4: return dots<4>(query, keys, n, out);
+    case 6: return dots<6>(query, keys, n, out);
+    case 8: return dots<8>(query, keys, n, out);
   }
 #endif
-  float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+  for (int64_t e = 0; e < n; ++e) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < dim; ++i) sum += query[i] * keys[e * dim + i];
+    out[e] = sum;
+  }
 }
 
-// f(i, row) for entries first..end-1 of one (sequence, KV head), row pointing at entry i's vector in
-// the pool: block by block, since entries lie contiguous within a block.
+// f(first, n, rows) for runs of n <= 16 entries of one (sequence, KV head) from `first` to `end`, rows
+// pointing at the run's first vector in the pool: entries lie one after another within a block.
 template <typename F>
-inline void for_each_entry(const float* pool, const int64_t* blocks, int64_t block_size, int64_t dim, int64_t first,
-                           int64_t end, F&& f) {
+inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block_size, int64_t dim, int64_t first,
+                         int64_t end, F&& f) {
+  constexpr int64_t kMaxRun = 16;
   for (int64_t i = first; i < end;) {
-    const int64_t in_block = i % block_size, block_end = std::min(end, i + block_size - in_block);
-    const float* row = pool + (blocks[i / block_size] * block_size + in_block) * dim;
-    for (; i < block_end; ++i, row += dim) f(i, row);
+    const int64_t in_block = i % block_size, n = std::min({end - i, block_size - in_block, kMaxRun});
+    f(i, n, pool + (blocks[i / block_size] * block_size + in_block) * dim);
+    i += n;
   }
 }
 
-// acc[0..dim) = sum over the first `length` entries of p[i] * value(i), entry after entry.
-inline void weighted_sum(const float* __restrict__ p, const float* __restrict__ values, const int64_t* blocks,
-                         int64_t length, int64_t block_size, int64_t dim, float* __restrict__ acc) {
+// out[q][0..dim) = sum over the first `length` entries of p[q][i] * value(i), entry after entry, for
+// nq <= 24 / V queries at once (dim = 16 V), their sums in registers: each value vector is loaded
+// once for all of them. A query's sums do not depend on which other queries share the pass.
 #if defined(__AVX512F__)
-  constexpr int kMaxVectors = 16;
-  if (dim % 16 == 0 && dim / 16 <= kMaxVectors) {  // the sums stay in registers
-    const int64_t vectors = dim / 16;
-    __m512 sum[kMaxVectors];
-    for (int64_t v = 0; v < vectors; ++v) sum[v] = _mm512_setzero_ps();
-    for_each_entry(values, blocks, block_size, dim, 0, length, [&](int64_t i, const float* row) {
-      const __m512 weight = _mm512_set1_ps(p[i]);
-      for (int64_t v = 0; v < vectors; ++v)  // multiply, then add: the rounding of the scalar loop below
-        sum[v] = _mm512_add_ps(sum[v], _mm512_mul_ps(weight, _mm512_loadu_ps(row + 16 * v)));
+template <int V>
+void weighted_sums(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
+                   int64_t length, int64_t block_size, float* out) {
+  constexpr int Q = 24 / V > 0 ? 24 / V : 1;
+  __m512 sum[Q][V];
+  for (int q = 0; q < Q; ++q)
+    for (int v = 0; v < V; ++v) sum[q][v] = _mm512_setzero_ps();
+  for_each_run(values, blocks, block_size, 16 * V, 0, length, [&](int64_t first, int64_t n, const float* rows) {
+    for (int64_t e = 0; e < n; ++e) {
+      __m512 value[V];
+      for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(rows + e * 16 * V + 16 * v);
+      for (int q = 0; q < Q; ++q) {
+        if (q >= nq) break;
+        const __m512 weight = _mm512_set1_ps(p[q * p_stride + first + e]);
+        for (int v = 0; v < V; ++v) sum[q][v] = _mm512_fmadd_ps(weight, value[v], sum[q][v]);
+      }
+    }
+  });
+  for (int q = 0; q < nq; ++q)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + (q * V + v) * 16, sum[q][v]);
+}
+#endif
+
+// The same for any dim, one query at a time, without vectors.
+void weighted_sums_scalar(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
+                          int64_t length, int64_t block_size, int64_t dim, float* out) {
+  std::fill(out, out + nq * dim, 0.f);
+  for (int64_t q = 0; q < nq; ++q)
+    for_each_run(values, blocks, block_size, dim, 0, length, [&](int64_t first, int64_t n, const float* rows) {
+      for (int64_t e = 0; e < n; ++e)
+        for (int64_t d = 0; d < dim; ++d) out[q * dim + d] += p[q * p_stride + first + e] * rows[e * dim + d];
     });
-    for (int64_t v = 0; v < vectors; ++v) _mm512_storeu_ps(acc + 16 * v, sum[v]);
-    return;
+}
+
+// How many queries one weighted_sums pass can carry for this dim (1 where it runs scalar).
+int64_t queries_per_pass(int64_t dim) {
+#if defined(__AVX512F__)
+  if (dim % 16 == 0 && dim / 16 <= 8) return std::max<int64_t>(1, 24 / (dim / 16));
+#endif
+  return 1;
+}
+
+void weighted_sums_any(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
+                       int64_t length, int64_t block_size, int64_t dim, float* out) {
+#if defined(__AVX512F__)
+  if (dim % 16 == 0) {
+    switch (dim / 16) {
+      case 1: return weighted_sums<1>(p, p_stride, nq, values, blocks, length, block_size, out);
+      case 2: return weighted_sums<2>(p, p_stride, nq, values, blocks, length, block_size, out);
+      case 3: return weighted_sums<3>(p, p_stride, nq, values, blocks, length, block_size, out);
+      case 4: return weighted_sums<4>(p, p_stride, nq, values, blocks, length, block_size, out);
+      case 5: return weighted_sums<5>(p, p_stride, nq, values, blocks, length, block_size, out);
+      case 6: return weighted_sums<6>(p, p_stride, nq, values, blocks, length, block_size, out);
+      case 7: return weighted_sums<7>(p, p_stride, nq, values, blocks, length, block_size, out);
+      case 8: return weighted_sums<8>(p, p_stride, nq, values, blocks, length, block_size, out);
+    }
   }
 #endif
-  for_each_entry(values, blocks, block_size, dim, 0, length, [&](int64_t i, const float* row) {
-    for (int64_t d = 0; d < dim; ++d) acc[d] += p[i] * row[d];
-  });
+  weighted_sums_scalar(p, p_stride, nq, values, blocks, length, block_size, dim, out);
 }
 
 struct Layout {
@@ -120,11 +205,15 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
       const int64_t stored_end = std::min(last, length);
       for (int64_t i = stored_end; i < last; ++i)
         for (int64_t g = 0; g < L.group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
-      for_each_entry(kp, blocks, L.block_size, L.dim, first, stored_end, [&](int64_t i, const float* key) {
+      float dot_products[16];
+      for_each_run(kp, blocks, L.block_size, L.dim, first, stored_end, [&](int64_t run_first, int64_t n, const float* keys) {
         for (int64_t g = 0; g < L.group; ++g) {
-          const bool seen = i < block_start || visibility[(seq * slots + g / heads_per_slot) * slots + i - block_start];
-          out[g * max_entries + i] = seen ? dot(queries + g * L.dim, key, L.dim) * fscale
-                                          : -std::numeric_limits<float>::infinity();
+          dots_any(queries + g * L.dim, keys, n, L.dim, dot_products);
+          const bool* sees = has_blocks ? visibility + (seq * slots + g / heads_per_slot) * slots : nullptr;
+          for (int64_t e = 0, i = run_first; e < n; ++e, ++i)
+            out[g * max_entries + i] = i < block_start || sees[i - block_start]
+                                           ? dot_products[e] * fscale
+                                           : -std::numeric_limits<float>::infinity();
         }
       });
     }
@@ -136,18 +225,22 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_poo
                                     torch::Tensor lengths) {
   const Layout L = check(probs, value_pool, block_tables, lengths);
   const int64_t max_entries = probs.size(3);
-  auto out = torch::zeros({L.batch, L.kv_heads, L.group, L.dim}, probs.options());
+  auto out = torch::empty({L.batch, L.kv_heads, L.group, L.dim}, probs.options());
   const float* pp = probs.data_ptr<float>();
   const float* vp = value_pool.data_ptr<float>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  // work units: (sequence, KV head, query head of the group)
-  at::parallel_for(0, L.batch * L.kv_heads * L.group, 1, [&](int64_t begin, int64_t end) {
+  // work units: (sequence, KV head, a pass's queries of the group), at least four per thread when there are
+  const int64_t items = L.batch * L.kv_heads, threads = at::get_num_threads();
+  const int64_t per_pass = std::clamp<int64_t>(items * L.group / (4 * threads), 1, queries_per_pass(L.dim));
+  const int64_t passes = (L.group + per_pass - 1) / per_pass;
+  at::parallel_for(0, items * passes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t item = unit / L.group;
-      const int64_t* blocks = tables + item * L.max_blocks;
-      weighted_sum(pp + unit * max_entries, vp, blocks, lens[item], L.block_size, L.dim, op + unit * L.dim);
+      const int64_t item = unit / passes, query = (unit % passes) * per_pass;
+      const int64_t nq = std::min(per_pass, L.group - query), row = item * L.group + query;
+      weighted_sums_any(pp + row * max_entries, max_entries, nq, vp, tables + item * L.max_blocks, lens[item],
+                        L.block_size, L.dim, op + row * L.dim);
     }
   });
   return out;
