@@ -59,9 +59,13 @@ void dots(const float* query, const float* keys, int64_t n, float* out) {
 inline void dots_any(const float* query, const float* keys, int64_t n, int64_t dim, float* out) {
 #if defined(__AVX512F__)
   switch (dim % 16 == 0 ? dim / 16 : 0) {
+    case 1: return dots<1>(query, keys, n, out);
     case 2: return dots<2>(query, keys, n, out);
+    case 3: return dots<3>(query, keys, n, out);
     case 4: return dots<4>(query, keys, n, out);
+    case 5: return dots<5>(query, keys, n, out);
     case 6: return dots<6>(query, keys, n, out);
+    case 7: return dots<7>(query, keys, n, out);
     case 8: return dots<8>(query, keys, n, out);
   }
 #endif
