@@ -39,9 +39,7 @@ inline __m512 sum_lanes_of_16(const __m512 (&acc)[16]) {
   // lane 4k+m holds entry 4m+k
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
 }
-#endif
 
-#if defined(__AVX512F__)
 // out[e] = query . keys[e] for n <= 16 entries lying one after another, dim = 16 V.
 template <int V>
 void dots(const float* query, const float* keys, int64_t n, float* out) {
