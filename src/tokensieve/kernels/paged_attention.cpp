@@ -14,11 +14,34 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+// f(std::integral_constant<int, V>{}) where dim = 16 V with V in 1..8 and AVX-512 is there (true);
+// else nothing is called (false) and the caller runs its scalar loop.
+template <typename F>
+bool with_vectors([[maybe_unused]] int64_t dim, [[maybe_unused]] F&& f) {
+#if defined(__AVX512F__)
+  switch (dim % 16 == 0 ? dim / 16 : 0) {
+    case 1: f(std::integral_constant<int, 1>{}); return true;
+    case 2: f(std::integral_constant<int, 2>{}); return true;
+    case 3: f(std::integral_constant<int, 3>{}); return true;
+    case 4: f(std::integral_constant<int, 4>{}); return true;
+    case 5: f(std::integral_constant<int, 5>{}); return true;
+    case 6: f(std::integral_constant<int, 6>{}); return true;
+    case 7: f(std::integral_constant<int, 7>{}); return true;
+    case 8: f(std::integral_constant<int, 8>{}); return true;
+  }
+#endif
+  return false;
+}
+
+// Queries one vectorized weighted-sum pass carries: V vectors of sums each, 24 registers in all.
+constexpr int queries_per_pass(int V) { return 24 / V; }
 
 #if defined(__AVX512F__)
 // One vector whose lane e is the sum of the lanes of acc[e]: halves, then quarters, then pairs are
@@ -56,16 +79,7 @@ void dots(const float* query, const float* keys, int64_t n, float* out) {
 
 inline void dots_any(const float* query, const float* keys, int64_t n, int64_t dim, float* out) {
 #if defined(__AVX512F__)
-  switch (dim % 16 == 0 ? dim / 16 : 0) {
-    case 1: return dots<1>(query, keys, n, out);
-    case 2: return dots<2>(query, keys, n, out);
-    case 3: return dots<3>(query, keys, n, out);
-    case 4: return dots<4>(query, keys, n, out);
-    case 5: return dots<5>(query, keys, n, out);
-    case 6: return dots<6>(query, keys, n, out);
-    case 7: return dots<7>(query, keys, n, out);
-    case 8: return dots<8>(query, keys, n, out);
-  }
+  if (with_vectors(dim, [&](auto v) { dots<decltype(v)::value>(query, keys, n, out); })) return;
 #endif
   for (int64_t e = 0; e < n; ++e) {
     float sum = 0.f;
@@ -88,13 +102,13 @@ inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block
 }
 
 // out[q][0..dim) = sum over the first `length` entries of p[q][i] * value(i), entry after entry, for
-// nq <= 24 / V queries at once (dim = 16 V), their sums in registers: each value vector is loaded
-// once for all of them. A query's sums do not depend on which other queries share the pass.
+// nq <= queries_per_pass(V) queries at once (dim = 16 V), their sums in registers: each value
+// vector is loaded once for all of them. A query's sums do not depend on the others in the pass.
 #if defined(__AVX512F__)
 template <int V>
 void weighted_sums(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
                    int64_t length, int64_t block_size, float* out) {
-  constexpr int Q = 24 / V > 0 ? 24 / V : 1;
+  constexpr int Q = queries_per_pass(V);
   __m512 sum[Q][V];
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < V; ++v) sum[q][v] = _mm512_setzero_ps();
@@ -125,29 +139,11 @@ void weighted_sums_scalar(const float* p, int64_t p_stride, int64_t nq, const fl
     });
 }
 
-// How many queries one weighted_sums pass can carry for this dim (1 where it runs scalar).
-int64_t queries_per_pass(int64_t dim) {
-#if defined(__AVX512F__)
-  if (dim % 16 == 0 && dim / 16 <= 8) return std::max<int64_t>(1, 24 / (dim / 16));
-#endif
-  return 1;
-}
-
 void weighted_sums_any(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
                        int64_t length, int64_t block_size, int64_t dim, float* out) {
 #if defined(__AVX512F__)
-  if (dim % 16 == 0) {
-    switch (dim / 16) {
-      case 1: return weighted_sums<1>(p, p_stride, nq, values, blocks, length, block_size, out);
-      case 2: return weighted_sums<2>(p, p_stride, nq, values, blocks, length, block_size, out);
-      case 3: return weighted_sums<3>(p, p_stride, nq, values, blocks, length, block_size, out);
-      case 4: return weighted_sums<4>(p, p_stride, nq, values, blocks, length, block_size, out);
-      case 5: return weighted_sums<5>(p, p_stride, nq, values, blocks, length, block_size, out);
-      case 6: return weighted_sums<6>(p, p_stride, nq, values, blocks, length, block_size, out);
-      case 7: return weighted_sums<7>(p, p_stride, nq, values, blocks, length, block_size, out);
-      case 8: return weighted_sums<8>(p, p_stride, nq, values, blocks, length, block_size, out);
-    }
-  }
+  if (with_vectors(dim, [&](auto v) { weighted_sums<decltype(v)::value>(p, p_stride, nq, values, blocks, length, block_size, out); }))
+    return;
 #endif
   weighted_sums_scalar(p, p_stride, nq, values, blocks, length, block_size, dim, out);
 }
@@ -235,7 +231,9 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_poo
   float* op = out.data_ptr<float>();
   // work units: (sequence, KV head, a pass's queries of the group), at least four per thread when there are
   const int64_t items = L.batch * L.kv_heads, threads = at::get_num_threads();
-  const int64_t per_pass = std::clamp<int64_t>(items * L.group / (4 * threads), 1, queries_per_pass(L.dim));
+  int64_t most_per_pass = 1;
+  with_vectors(L.dim, [&](auto v) { most_per_pass = queries_per_pass(decltype(v)::value); });
+  const int64_t per_pass = std::clamp<int64_t>(items * L.group / (4 * threads), 1, most_per_pass);
   const int64_t passes = (L.group + per_pass - 1) / per_pass;
   at::parallel_for(0, items * passes, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit) {
