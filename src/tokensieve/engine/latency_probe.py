@@ -28,8 +28,12 @@ def _chain_block(tokens: list[int]) -> VerificationBlock:
 
 
 class LatencyProbe:
-    def __init__(self, runner: ModelRunner, block_manager: BlockManager, vocab_size: int):
+    def __init__(
+        self, runner: ModelRunner, block_manager: BlockManager, vocab_size: int, context: int = PROBE_CONTEXT,
+        rounds: int = ROUNDS,
+    ):
         self.runner, self.block_manager, self.vocab_size = runner, block_manager, vocab_size
+        self.context, self.rounds = context, rounds
 
     def __call__(self, batch: int, grid: list[int]) -> list[float]:
         """Median seconds of a forward carrying each number of drafted tokens in `grid` (inf for all
@@ -38,22 +42,22 @@ class LatencyProbe:
         rng = np.random.default_rng(batch)
         manager = self.block_manager
         most = -(-max(grid) // batch)
-        needed = batch * manager.num_layers * manager.num_kv_heads * -(-(PROBE_CONTEXT + most + 1) // manager.block_size)
+        needed = batch * manager.num_layers * manager.num_kv_heads * -(-(self.context + most + 1) // manager.block_size)
         if needed > manager.num_free_blocks:
             return [float("inf")] * len(grid)
         seqs = []
         try:
             for i in range(batch):
-                ids = rng.integers(0, self.vocab_size, PROBE_CONTEXT + 1).tolist()
+                ids = rng.integers(0, self.vocab_size, self.context + 1).tolist()
                 seq = Sequence(f"latency-probe-{i}", ids, SamplingParams(temperature=0), arrival_order=-1)
                 seq.block_table = manager.new_table()
                 seqs.append(seq)
-                manager.reserve(seq.block_table, PROBE_CONTEXT)
-                self.runner.run([ScheduledChunk(seq, PROBE_CONTEXT)])
-                seq.num_processed = PROBE_CONTEXT
+                manager.reserve(seq.block_table, self.context)
+                self.runner.run([ScheduledChunk(seq, self.context)])
+                seq.num_processed = self.context
             forwards = [self._chunks(seqs, drafted, rng) for drafted in grid]
             timings = [[] for _ in grid]
-            for rounds in range(ROUNDS + 1):  # the first round warms up
+            for rounds in range(self.rounds + 1):  # the first round warms up
                 for chunks, times in zip(forwards, timings):
                     seconds = self._time(chunks)
                     if rounds:
