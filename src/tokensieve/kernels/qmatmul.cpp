@@ -71,28 +71,31 @@ inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t row_bytes,
     for (int c = 0; c < C; ++c) out[r * N + c] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
-// Rows kRows at a time, then the rest in one more pass over the C weight rows. kRows x C
-// accumulators, plus C dequantized pairs and one x pair, fit AVX-512's 32 registers.
+// The tile of exactly `rows` rows (1..R), its size chosen at compile time.
+template <int KIND, int C, int R>
+inline void tile_of(int64_t rows, const float* x, int64_t K, const uint8_t* q, int64_t row_bytes, const float* scales,
+                    const float* mins, float* out, int64_t N) {
+  if constexpr (R > 1)
+    if (rows < R) return tile_of<KIND, C, R - 1>(rows, x, K, q, row_bytes, scales, mins, out, N);
+  tile<KIND, R, C>(x, K, q, row_bytes, scales, mins, out, N);
+}
+
+// The rows in as few passes over the C weight rows as the registers allow, of equal size (13 rows
+// as 6 + 7, not 12 + 1): each pass dequantizes the weights again. Up to 12 x C accumulators, plus
+// C dequantized pairs and one x pair, fit AVX-512's 32 registers.
 template <int KIND, int C>
 inline void all_rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t row_bytes, const float* scales,
                      const float* mins, float* out, int64_t N) {
-  constexpr int kRows = C == 4 ? 4 : 8;
-  int64_t r = 0;
-  for (; r + kRows <= M; r += kRows) tile<KIND, kRows, C>(x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
-  const float* xr = x + r * K;
-  float* o = out + r * N;
-  switch (M - r) {
-    case 7: if constexpr (kRows > 7) tile<KIND, 7, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
-    case 6: if constexpr (kRows > 6) tile<KIND, 6, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
-    case 5: if constexpr (kRows > 5) tile<KIND, 5, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
-    case 4: if constexpr (kRows > 4) tile<KIND, 4, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
-    case 3: tile<KIND, 3, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
-    case 2: tile<KIND, 2, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
-    case 1: tile<KIND, 1, C>(xr, K, q, row_bytes, scales, mins, o, N); break;
+  constexpr int kMostRows = C == 4 ? 4 : 12;
+  const int64_t passes = (M + kMostRows - 1) / kMostRows;
+  for (int64_t r = 0, pass = 0; pass < passes; ++pass) {
+    const int64_t rows = (M - r) / (passes - pass);
+    tile_of<KIND, C, kMostRows>(rows, x + r * K, K, q, row_bytes, scales, mins, out + r * N, N);
+    r += rows;
   }
 }
 
-// Outputs C at a time (4 for up to 4 rows, else 2 so that 8 rows share a pass); their weight rows
+// Outputs C at a time (4 for up to 4 rows, else 2 so that 12 rows share a pass); their weight rows
 // stay in L1 while every group of rows uses them, so a verification forward of 16 tokens streams
 // the weights once, as decoding one token does.
 template <int KIND, int C>
