@@ -11,7 +11,7 @@ from tokensieve.sampling_params import SamplingParams
 from tokensieve.speculative.lookahead import LookaheadDrafter
 from tokensieve.speculative.prompt_lookup import PromptLookupDrafter
 from tokensieve.speculative.recycling import TokenRecyclingDrafter, static_tree
-from tokensieve.speculative.latency import LEARNING_RATE, LatencyTable
+from tokensieve.speculative.latency import STEP, LatencyTable
 from tokensieve.speculative.speculator import EXPLORE_EVERY, AcceptanceStats, Speculator
 from tokensieve.speculative.tree import DraftTree
 from tokensieve.speculative.verify import accept_path
@@ -142,6 +142,17 @@ def test_acceptance_stats_credit_only_nodes_whose_parent_was_accepted():
     assert stats.rate(("a", 1), 2) == (1 + 2 * 0.5) / 3 and stats.rate(("a", 1), 0) == 0.5
 
 
+def test_a_sequence_s_acceptance_rates_start_from_the_shared_ones_and_follow_its_own():
+    shared = AcceptanceStats()
+    for _ in range(20):
+        shared.update(small_tree(), [0, 1], streak=0)  # across requests, node 1 ("a" at depth 1) is accepted
+    own = AcceptanceStats(shared=shared)
+    assert own.rate(("a", 1), 0) == shared.rate(("a", 1), 0) > 0.9
+    for _ in range(20):
+        own.update(small_tree(), [0], streak=0)  # this request accepts nothing
+    assert own.rate(("a", 1), 0) < 0.3 and shared.rate(("a", 1), 0) > 0.9
+
+
 class FakeLatency:
     def __init__(self, per_token: float):
         self.per_token = per_token
@@ -173,13 +184,26 @@ def test_latency_table_follows_real_forwards():
     one moves only the grid points around it."""
     table = LatencyTable(lambda batch, grid: [1.0 + 0.1 * d for d in grid], lambda batch: 8, None)
     before = table.seconds(1, np.arange(9))
-    table.observe(1, 0, 2.0)  # plain forwards got 1 s slower
-    assert np.allclose(table.seconds(1, np.arange(9)), before + LEARNING_RATE * 1.0)
+    table.observe(1, 0, 2.0)  # a plain forward slower than the table says
+    assert np.allclose(table.seconds(1, np.arange(9)), before + STEP * 1.0)
     shifted = table.seconds(1, np.arange(9))
     table.observe(1, 5, 10.0)  # between grid points 4 and 6: both move, the ones before stay
     after = table.seconds(1, np.arange(9))
     assert after[4] > shifted[4] and after[6] > shifted[6] and after[3] == shifted[3]
-    assert (np.diff(after) >= 0).all()  # latency never falls as tokens are added
+    for _ in range(200):
+        table.observe(1, 1, 0.5)  # one drafted token turns out cheap: its point falls below its neighbour's
+    assert (np.diff(table.seconds(1, np.arange(9))) >= 0).all()  # but latency never falls as tokens are added
+    assert table.seconds(1, [1])[0] == table.seconds(1, [0])[0]
+
+
+def test_latency_table_tracks_the_median_forward_not_the_stalls():
+    """On a shared machine one forward in five stalls (5x); the table settles at the typical
+    forward, where a running mean would settle at 1.8x it."""
+    table = LatencyTable(lambda batch, grid: [1.0 + 0.1 * d for d in grid], lambda batch: 8, None)
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        table.observe(1, 4, 1.4 * (5.0 if rng.random() < 0.2 else rng.uniform(0.95, 1.05)))
+    assert abs(table.seconds(1, [4])[0] - 1.4) < 0.1
 
 
 def test_keep_appended_moves_the_accepted_path_behind_the_prefix_and_frees_the_rest():

@@ -12,7 +12,11 @@ from typing import Callable
 import numpy as np
 
 DRAFTED_TOKENS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-LEARNING_RATE = 0.1  # weight of one observed forward in the refined latency
+# One observed forward moves the refined latency by this fraction of it, up or down, toward the
+# measurement: the table tracks the median forward, which one stall of a shared machine barely moves
+# (a running mean chases such stalls, and then every size that pays less than the stalled mean
+# looks too dear to draft).
+STEP = 0.01
 
 
 class LatencyTable:
@@ -35,31 +39,33 @@ class LatencyTable:
         if batch not in self.table:
             self._measure_batch(batch)
         xs, ys = self.table[batch]
+        ys = np.maximum.accumulate(ys)  # latency cannot fall as tokens are added
         drafted = np.asarray(drafted, dtype=float)
         slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
         return np.where(drafted <= xs[-1], np.interp(drafted, xs, ys), ys[-1] + slope * (drafted - xs[-1]))
 
     def observe(self, batch: int, drafted: int, seconds: float) -> None:
-        """Move the table toward a measured forward. A plain forward moves the whole curve (what
-        makes it slower or faster, a longer or shorter context, weighs on every forward); one
-        with drafted tokens moves the grid points around `drafted`."""
+        """Move the table a STEP toward a measured forward. A plain forward moves the whole curve
+        (what makes it slower or faster, a longer or shorter context, weighs on every forward); one
+        with drafted tokens moves the grid points around `drafted`, each by its share."""
         if batch not in self.table:
             return
         xs, ys = self.table[batch]
         if drafted > xs[-1]:
             return
-        error = seconds - float(np.interp(drafted, xs, ys))
+        predicted = float(np.interp(drafted, xs, ys))
+        step = STEP * predicted * np.sign(seconds - predicted)
         ys = ys.copy()
         if drafted == 0:
-            ys += LEARNING_RATE * error
+            ys += step
         else:
             upper = int(np.searchsorted(xs, drafted))
             lower = upper - 1 if xs[upper] != drafted else upper
             weight = 1.0 if lower == upper else (drafted - xs[lower]) / (xs[upper] - xs[lower])
-            ys[upper] += LEARNING_RATE * weight * error
+            ys[upper] += weight * step
             if lower != upper:
-                ys[lower] += LEARNING_RATE * (1 - weight) * error
-        self.table[batch] = (xs, np.maximum.accumulate(ys))
+                ys[lower] += (1 - weight) * step
+        self.table[batch] = (xs, ys)
 
     def _measure_batch(self, batch: int) -> None:
         limit = self._max_drafted(batch)

@@ -22,23 +22,31 @@ from .verify import accept_path
 EXPLORE_EVERY = 32  # forwards; this often a draft (its best node, the Jacobi window) runs even when it does not seem to pay
 
 
+SEQUENCE_PRIOR_WEIGHT = 8  # observations the shared rates are worth in a sequence's own
+
+
 class AcceptanceStats:
     """How often drafted nodes were accepted when their parent was, per (source, depth[, rank]) key
     and "streak" (how many drafted tokens the sequence's previous forward accepted: 0, 1 or 2+,
-    since a sequence that is copying text keeps copying)."""
+    since a sequence that is copying text keeps copying). The engine keeps one shared by all
+    requests, and one per sequence whose prior is the shared one: how guessable a text is varies
+    from request to request (a summary copies, a proof does not), and a request soon shows which."""
 
-    def __init__(self):
+    def __init__(self, shared: "AcceptanceStats | None" = None):
+        self.shared = shared
         self.tried: dict[tuple, int] = defaultdict(int)
         self.accepted: dict[tuple, int] = defaultdict(int)
 
-    @staticmethod
-    def prior(key: tuple) -> float:
-        return 0.6 / (key[2] + 1) if key[0] == "recycling" else 0.5
+    def prior(self, key: tuple, streak: int) -> tuple[float, int]:
+        """The rate before this object's observations, and how many observations it is worth."""
+        if self.shared is not None:
+            return self.shared.rate(key, streak), SEQUENCE_PRIOR_WEIGHT
+        return (0.6 / (key[2] + 1) if key[0] == "recycling" else 0.5), 2
 
     def rate(self, key: tuple, streak: int) -> float:
-        """Acceptance rate with a prior worth two observations."""
+        prior, weight = self.prior(key, streak)
         key = key + (streak,)
-        return (self.accepted.get(key, 0) + 2 * self.prior(key)) / (self.tried.get(key, 0) + 2)
+        return (self.accepted.get(key, 0) + weight * prior) / (self.tried.get(key, 0) + weight)
 
     def update(self, tree: DraftTree, path: list[int], streak: int) -> None:
         on_path = set(path)
@@ -111,11 +119,15 @@ class Speculator:
         tree = DraftTree(seq.token_ids[-1])
         depth = self._max_depth(seq)
         streak = seq.drafter_state.get("streak", 0)
-        rate = lambda key: self.stats.rate(key, streak)  # noqa: E731
+        stats = self._sequence_stats(seq)
+        rate = lambda key: stats.rate(key, streak)  # noqa: E731
         if depth > 0:
             for drafter in self.drafters:
                 drafter.propose(seq.drafter_state.setdefault(drafter.name, {}), seq.token_ids, tree, depth, rate)
         return tree
+
+    def _sequence_stats(self, seq: Sequence) -> AcceptanceStats:
+        return seq.drafter_state.setdefault("stats", AcceptanceStats(shared=self.stats))
 
     def draft(self, seqs: list[Sequence], batch: int) -> None:
         """Give each decoding sequence its verification block for the next forward (None: plain
@@ -190,6 +202,7 @@ class Speculator:
         tree = block.tree
         path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.generator)
         self.stats.update(tree, path, block.streak)
+        self._sequence_stats(seq).update(tree, path, block.streak)
         seq.drafter_state["streak"] = min(len(path) - 1, 2)
         if self.recycling is not None:
             self.recycling.learn(torch.tensor(tree.tokens), logits[: len(tree)])
