@@ -58,6 +58,14 @@ def test_row_order_permutes_blocks(kernels):
     assert torch.equal(permuted.blocks, plain.blocks[order]) and torch.equal(permuted.scales, plain.scales[order])
 
 
+EMPTY = torch.empty(0)
+
+
+def one_slot_each(batch: int) -> torch.Tensor:
+    """row_of_slot when every sequence decodes one token: sequence b is row b."""
+    return torch.arange(batch).view(batch, 1)
+
+
 def test_paged_decode_attention_matches_gather_and_softmax(kernels):
     gen = torch.Generator().manual_seed(0)
     batch, kv_heads, group, dim, block_size = 3, 2, 3, 64, 4
@@ -65,16 +73,17 @@ def test_paged_decode_attention_matches_gather_and_softmax(kernels):
     pool_v = torch.randn(64, block_size, dim, generator=gen)
     lengths = torch.tensor([[5, 1], [8, 12], [3, 9]])  # ragged: every (sequence, head) has its own length
     tables = torch.randperm(64, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
-    q = torch.randn(batch, kv_heads, group, dim, generator=gen)
-    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, torch.empty(0), torch.empty(0))
-    out = kernels.paged_weighted_values(torch.softmax(scores, -1), pool_v, tables, lengths)
+    q = torch.randn(batch, kv_heads * group, dim, generator=gen)  # [rows, heads, dim]
+    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, one_slot_each(batch), EMPTY, EMPTY)
+    out = kernels.paged_weighted_values(torch.softmax(scores, -1), pool_v, tables, lengths, one_slot_each(batch), EMPTY, batch)
     for b in range(batch):
         for h in range(kv_heads):
             n = int(lengths[b, h])
             keys = pool_k[tables[b, h]].reshape(-1, dim)[:n]
             values = pool_v[tables[b, h]].reshape(-1, dim)[:n]
-            ref = torch.softmax(q[b, h] @ keys.T * dim**-0.5, -1) @ values
-            assert torch.allclose(out[b, h], ref, atol=1e-5)
+            heads = slice(h * group, (h + 1) * group)
+            ref = torch.softmax(q[b, heads] @ keys.T * dim**-0.5, -1) @ values
+            assert torch.allclose(out[b, heads], ref, atol=1e-5)
             assert torch.isinf(scores[b, h, :, n:]).all()
 
 
@@ -87,44 +96,52 @@ def test_paged_attention_of_a_query_does_not_depend_on_the_others_in_its_group(k
     pool_v = torch.randn(16, block_size, dim, generator=gen)
     lengths = torch.tensor([[37, 50]])
     tables = torch.randperm(16, generator=gen)[: kv_heads * 4].view(1, kv_heads, 4)
-    q = torch.randn(1, kv_heads, group, dim, generator=gen)
-    empty = torch.empty(0)
-    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, empty, empty)
+    q = torch.randn(1, kv_heads * group, dim, generator=gen)
+    row = one_slot_each(1)
+    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
     probs = torch.softmax(scores, -1)
-    out = kernels.paged_weighted_values(probs, pool_v, tables, lengths)
+    out = kernels.paged_weighted_values(probs, pool_v, tables, lengths, row, EMPTY, 1).view(1, kv_heads, group, dim)
     for g in range(group):
-        alone = kernels.paged_scores(q[:, :, g : g + 1].contiguous(), pool_k, tables, lengths, dim**-0.5, empty, empty)
+        alone_q = q.view(1, kv_heads, group, dim)[:, :, g]  # one query head per KV head, strided in q
+        alone = kernels.paged_scores(alone_q, pool_k, tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
         assert torch.equal(alone[:, :, 0], scores[:, :, g])
-        values = kernels.paged_weighted_values(probs[:, :, g : g + 1].contiguous(), pool_v, tables, lengths)
-        assert torch.equal(values[:, :, 0], out[:, :, g])
+        values = kernels.paged_weighted_values(probs[:, :, g : g + 1].contiguous(), pool_v, tables, lengths, row, EMPTY, 1)
+        assert torch.equal(values, out[:, :, g])
 
 
-def test_paged_scores_hide_the_block_entries_a_slot_does_not_see(kernels):
-    """A draft tree's rows are slots of the group; slot s sees the block's entry t (the last
-    block_rows of each head) only where block_visibility[seq, s, t]."""
+def test_draft_tree_slots_read_and_write_their_rows_and_hide_the_block_entries_they_do_not_see(kernels):
+    """A draft tree's rows are slots of the group, read from and written to their own rows of the
+    flat batch; slot s sees the block's entry t (the last block_rows of each head) only where
+    block_visibility[seq, s, t]. Padding slots repeat a row and write nothing."""
     gen = torch.Generator().manual_seed(1)
     batch, kv_heads, slots, heads_per_slot, dim, block_size = 2, 2, 3, 2, 16, 4
     pool_k = torch.randn(32, block_size, dim, generator=gen)
+    pool_v = torch.randn(32, block_size, dim, generator=gen)
     lengths = torch.tensor([[6, 9], [4, 4]])
     tables = torch.randperm(32, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
-    q = torch.randn(batch, kv_heads, slots * heads_per_slot, dim, generator=gen)
+    q = torch.randn(5, kv_heads * heads_per_slot, dim, generator=gen)  # rows 0-2: sequence 0, rows 3-4: sequence 1
+    row_of_slot = torch.tensor([[0, 1, 2], [3, 4, 3]])
     visibility = torch.tensor([
         [[1, 0, 0], [1, 1, 0], [1, 0, 1]],  # a root with two children
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]],  # a chain of two rows, padded to three slots
     ], dtype=torch.bool)
     rows = torch.tensor([3, 2])
-    plain = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, torch.empty(0), torch.empty(0))
-    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, visibility, rows)
+    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, row_of_slot, visibility, rows)
+    out = kernels.paged_weighted_values(torch.softmax(scores, -1), pool_v, tables, lengths, row_of_slot, rows, 5)
     for b in range(batch):
         for h in range(kv_heads):
-            start = int(lengths[b, h] - rows[b])
-            for g in range(slots * heads_per_slot):
-                expected = plain[b, h, g].clone()
-                for t in range(int(rows[b])):
-                    if not visibility[b, g // heads_per_slot, t]:
-                        expected[start + t] = float("-inf")
-                assert torch.equal(scores[b, h, g], expected)
-    assert torch.isinf(scores).sum() > torch.isinf(plain).sum()
+            n, start = int(lengths[b, h]), int(lengths[b, h] - rows[b])
+            keys = pool_k[tables[b, h]].reshape(-1, dim)[:n]
+            values = pool_v[tables[b, h]].reshape(-1, dim)[:n]
+            for slot in range(int(rows[b])):
+                row = int(row_of_slot[b, slot])
+                heads = slice(h * heads_per_slot, (h + 1) * heads_per_slot)
+                logits = q[row, heads] @ keys.T * dim**-0.5
+                logits[:, start:][:, ~visibility[b, slot, : int(rows[b])]] = float("-inf")
+                got = scores[b, h, slot * heads_per_slot : (slot + 1) * heads_per_slot, :n]
+                assert torch.allclose(got, logits, atol=1e-5) and torch.equal(got.isinf(), logits.isinf())
+                assert torch.allclose(out[row, heads], torch.softmax(logits, -1) @ values, atol=1e-5)
+    assert scores.isinf().any(-1).any()
 
 
 @pytest.fixture(scope="module")

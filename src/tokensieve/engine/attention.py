@@ -30,7 +30,7 @@ from .kv_pool import KVPool
 # observer(layer, logits [kv_heads, group, queries, entries], first query, observed queries this forward)
 Observer = Callable[[int, torch.Tensor, int, int], None]
 OBSERVED_QUERIES_PER_SLICE = 256  # bounds the logits held at once while observing a long chunk
-NO_BLOCKS = torch.empty(0)  # paged_scores' block arguments when no sequence verifies a draft
+NO_BLOCKS = torch.empty(0)  # the kernels' block arguments when no sequence verifies a draft
 
 
 @dataclass
@@ -205,17 +205,18 @@ class PagedAttention:
         return self._ungrouped(out)
 
     def _attend_decode_in_place(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """The kernels read each slot's queries from its row of q and write its output there."""
         group = self.decode
         head_dim = q.shape[-1]
         tables, lengths = group.block_tables[layer], group.lengths[layer]
-        grouped_q = self._grouped_queries(q, tables.shape[1]).contiguous()
-        blocks = (group.block_visibility, group.block_rows) if group.block_visibility is not None else (NO_BLOCKS, NO_BLOCKS)
-        scores = self.kernels.paged_scores(grouped_q, self.pool.keys, tables, lengths, head_dim**-0.5, *blocks)
+        block_rows = group.block_rows if group.block_rows is not None else NO_BLOCKS
+        visibility = group.block_visibility if group.block_visibility is not None else NO_BLOCKS
+        scores = self.kernels.paged_scores(q, self.pool.keys, tables, lengths, head_dim**-0.5, group.row_of_slot, visibility, block_rows)
         group_size = q.shape[1] // tables.shape[1]
         for seq, observer in group.observers.items():
             observer(layer, scores[seq, :, :group_size].unsqueeze(2), 0, 1)
         probs = torch.softmax(scores, dim=-1)
-        return self._ungrouped(self.kernels.paged_weighted_values(probs, self.pool.values, tables, lengths))
+        return self.kernels.paged_weighted_values(probs, self.pool.values, tables, lengths, group.row_of_slot, block_rows, q.shape[0])
 
     def _attend_prefill(self, layer, chunk: PrefillChunk, q, k, v) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape

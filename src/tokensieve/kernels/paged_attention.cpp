@@ -7,9 +7,11 @@
 // queries; a query's result never depends on the other queries in the call, so a row verified in a
 // draft tree gets exactly what it would get decoded alone.
 //
-// A sequence verifying a draft tree has one "slot" per node (its G query heads are slots x heads
-// per slot); the tree's own entries are the last block_rows[seq] of each head, and slot s sees
-// entry t of them only if block_visibility[seq][s][t] (a node sees its ancestors, not its siblings).
+// Queries are read, and outputs written, in the model's own [rows, heads, dim] layout: sequence b's
+// slot s is row row_of_slot[b][s]. A decoding sequence has one slot; one verifying a draft tree has
+// one per node (its G query heads are slots x heads per slot), padded to the batch's most slots by
+// repeating its first row. The tree's own entries are the last block_rows[b] of each head, and slot s
+// sees entry t of them only if block_visibility[b][s][t] (a node sees its ancestors, not its siblings).
 #include "kernels.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -107,7 +109,7 @@ inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block
 #if defined(__AVX512F__)
 template <int V>
 void weighted_sums(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
-                   int64_t length, int64_t block_size, float* out) {
+                   int64_t length, int64_t block_size, float* const* out) {
   constexpr int Q = queries_per_pass(V);
   __m512 sum[Q][V];
   for (int q = 0; q < Q; ++q)
@@ -124,23 +126,24 @@ void weighted_sums(const float* p, int64_t p_stride, int64_t nq, const float* va
     }
   });
   for (int q = 0; q < nq; ++q)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out + (q * V + v) * 16, sum[q][v]);
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out[q] + v * 16, sum[q][v]);
 }
 #endif
 
 // The same for any dim, one query at a time, without vectors.
 void weighted_sums_scalar(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
-                          int64_t length, int64_t block_size, int64_t dim, float* out) {
-  std::fill(out, out + nq * dim, 0.f);
-  for (int64_t q = 0; q < nq; ++q)
+                          int64_t length, int64_t block_size, int64_t dim, float* const* out) {
+  for (int64_t q = 0; q < nq; ++q) {
+    std::fill(out[q], out[q] + dim, 0.f);
     for_each_run(values, blocks, block_size, dim, 0, length, [&](int64_t first, int64_t n, const float* rows) {
       for (int64_t e = 0; e < n; ++e)
-        for (int64_t d = 0; d < dim; ++d) out[q * dim + d] += p[q * p_stride + first + e] * rows[e * dim + d];
+        for (int64_t d = 0; d < dim; ++d) out[q][d] += p[q * p_stride + first + e] * rows[e * dim + d];
     });
+  }
 }
 
 void weighted_sums_any(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
-                       int64_t length, int64_t block_size, int64_t dim, float* out) {
+                       int64_t length, int64_t block_size, int64_t dim, float* const* out) {
 #if defined(__AVX512F__)
   if (with_vectors(dim, [&](auto v) { weighted_sums<decltype(v)::value>(p, p_stride, nq, values, blocks, length, block_size, out); }))
     return;
@@ -149,40 +152,59 @@ void weighted_sums_any(const float* p, int64_t p_stride, int64_t nq, const float
 }
 
 struct Layout {
-  int64_t batch, kv_heads, group, dim, block_size, max_blocks;
+  int64_t batch, kv_heads, heads_per_slot, slots, dim, block_size, max_blocks;
+  int64_t group() const { return slots * heads_per_slot; }  // query heads per (sequence, KV head)
 };
 
-Layout check(const torch::Tensor& per_head, const torch::Tensor& pool, const torch::Tensor& block_tables,
-             const torch::Tensor& lengths) {
-  TORCH_CHECK(per_head.dim() == 4 && per_head.scalar_type() == torch::kFloat32 && per_head.is_contiguous(),
-              "expected a contiguous float32 [batch, kv_heads, group, *] tensor");
+Layout check(int64_t heads, const torch::Tensor& pool, const torch::Tensor& block_tables, const torch::Tensor& lengths,
+             const torch::Tensor& row_of_slot) {
   TORCH_CHECK(pool.scalar_type() == torch::kFloat32 && pool.is_contiguous() && pool.dim() == 3, "pool must be float32 [blocks, block_size, dim]");
-  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous(), "block_tables must be contiguous int64");
-  TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.is_contiguous(), "lengths must be contiguous int64");
-  return {per_head.size(0), per_head.size(1), per_head.size(2), pool.size(2), pool.size(1), block_tables.size(2)};
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() && block_tables.dim() == 3,
+              "block_tables must be contiguous int64 [batch, kv_heads, blocks]");
+  TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.is_contiguous() && lengths.numel() == block_tables.size(0) * block_tables.size(1),
+              "lengths must be contiguous int64 [batch, kv_heads]");
+  TORCH_CHECK(row_of_slot.scalar_type() == torch::kInt64 && row_of_slot.is_contiguous() && row_of_slot.dim() == 2 &&
+                  row_of_slot.size(0) == block_tables.size(0),
+              "row_of_slot must be contiguous int64 [batch, slots]");
+  const int64_t kv_heads = block_tables.size(1);
+  TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of KV heads");
+  return {block_tables.size(0), kv_heads, heads / kv_heads, row_of_slot.size(1), pool.size(2), pool.size(1), block_tables.size(2)};
+}
+
+// Real slots of each sequence (the rest pad): block_rows, or one each when no sequence verifies a draft.
+const int64_t* real_slots(const Layout& L, const torch::Tensor& block_rows) {
+  if (block_rows.numel() == 0) {
+    TORCH_CHECK(L.slots == 1, "block_rows is needed when a sequence has several slots");
+    return nullptr;
+  }
+  TORCH_CHECK(block_rows.scalar_type() == torch::kInt64 && block_rows.is_contiguous() && block_rows.numel() == L.batch,
+              "block_rows must be int64 [batch]");
+  return block_rows.data_ptr<int64_t>();
 }
 
 }  // namespace
 
 torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tensor block_tables, torch::Tensor lengths,
-                           double scale, torch::Tensor block_visibility, torch::Tensor block_rows) {
-  const Layout L = check(q, key_pool, block_tables, lengths);
+                           double scale, torch::Tensor row_of_slot, torch::Tensor block_visibility, torch::Tensor block_rows) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.stride(2) == 1, "q must be float32 [rows, heads, dim] with unit stride in dim");
+  const Layout L = check(q.size(1), key_pool, block_tables, lengths, row_of_slot);
+  TORCH_CHECK(q.size(2) == L.dim, "q and the key pool differ in head dim");
   const bool has_blocks = block_visibility.numel() > 0;
-  int64_t slots = 1;
+  const int64_t* rows = has_blocks ? real_slots(L, block_rows) : nullptr;
   if (has_blocks) {
-    TORCH_CHECK(block_visibility.scalar_type() == torch::kBool && block_visibility.is_contiguous() && block_visibility.dim() == 3 &&
-                    block_visibility.size(0) == L.batch && block_visibility.size(1) == block_visibility.size(2) &&
-                    L.group % block_visibility.size(1) == 0,
+    TORCH_CHECK(block_visibility.scalar_type() == torch::kBool && block_visibility.is_contiguous() &&
+                    block_visibility.dim() == 3 && block_visibility.size(0) == L.batch &&
+                    block_visibility.size(1) == L.slots && block_visibility.size(2) == L.slots,
                 "block_visibility must be a contiguous bool [batch, slots, slots] tensor");
-    TORCH_CHECK(block_rows.scalar_type() == torch::kInt64 && block_rows.numel() == L.batch, "block_rows must be int64 [batch]");
-    slots = block_visibility.size(1);
+  } else {
+    TORCH_CHECK(L.slots == 1, "block_visibility is needed when a sequence has several slots");
   }
   const bool* visibility = has_blocks ? block_visibility.data_ptr<bool>() : nullptr;
-  const int64_t* rows = has_blocks ? block_rows.data_ptr<int64_t>() : nullptr;
-  const int64_t heads_per_slot = L.group / slots;
-  const int64_t max_entries = L.max_blocks * L.block_size;
-  auto scores = torch::empty({L.batch, L.kv_heads, L.group, max_entries}, q.options());
+  const int64_t max_entries = L.max_blocks * L.block_size, group = L.group();
+  auto scores = torch::empty({L.batch, L.kv_heads, group, max_entries}, q.options());
   const float* qp = q.data_ptr<float>();
+  const int64_t row_stride = q.stride(0), head_stride = q.stride(1);
+  const int64_t* row_of = row_of_slot.data_ptr<int64_t>();
   const float* kp = key_pool.data_ptr<float>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
@@ -195,19 +217,20 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t item = unit / runs, first = (unit % runs) * kEntriesPerUnit;
       const int64_t last = std::min(first + kEntriesPerUnit, max_entries);
-      const int64_t length = lens[item], seq = item / L.kv_heads;
+      const int64_t length = lens[item], seq = item / L.kv_heads, kv_head = item % L.kv_heads;
       const int64_t block_start = has_blocks ? length - rows[seq] : length;
       const int64_t* blocks = tables + item * L.max_blocks;
-      const float* queries = qp + item * L.group * L.dim;
-      float* out = sp + item * L.group * max_entries;
+      float* out = sp + item * group * max_entries;
       const int64_t stored_end = std::min(last, length);
       for (int64_t i = stored_end; i < last; ++i)
-        for (int64_t g = 0; g < L.group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
+        for (int64_t g = 0; g < group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
       float dot_products[16];
       for_each_run(kp, blocks, L.block_size, L.dim, first, stored_end, [&](int64_t run_first, int64_t n, const float* keys) {
-        for (int64_t g = 0; g < L.group; ++g) {
-          dots_any(queries + g * L.dim, keys, n, L.dim, dot_products);
-          const bool* sees = has_blocks ? visibility + (seq * slots + g / heads_per_slot) * slots : nullptr;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t slot = g / L.heads_per_slot;
+          const float* query = qp + row_of[seq * L.slots + slot] * row_stride + (kv_head * L.heads_per_slot + g % L.heads_per_slot) * head_stride;
+          dots_any(query, keys, n, L.dim, dot_products);
+          const bool* sees = has_blocks ? visibility + (seq * L.slots + slot) * L.slots : nullptr;
           for (int64_t e = 0, i = run_first; e < n; ++e, ++i)
             out[g * max_entries + i] = i < block_start || sees[i - block_start]
                                            ? dot_products[e] * fscale
@@ -220,12 +243,17 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
 }
 
 torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_pool, torch::Tensor block_tables,
-                                    torch::Tensor lengths) {
-  const Layout L = check(probs, value_pool, block_tables, lengths);
-  const int64_t max_entries = probs.size(3);
-  auto out = torch::empty({L.batch, L.kv_heads, L.group, L.dim}, probs.options());
+                                    torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows, int64_t num_rows) {
+  TORCH_CHECK(probs.dim() == 4 && probs.scalar_type() == torch::kFloat32 && probs.is_contiguous(),
+              "probs must be a contiguous float32 [batch, kv_heads, slots * heads per slot, entries] tensor");
+  const Layout L = check(probs.size(2) / row_of_slot.size(1) * block_tables.size(1), value_pool, block_tables, lengths, row_of_slot);
+  const int64_t group = L.group(), max_entries = probs.size(3);
+  TORCH_CHECK(probs.size(0) == L.batch && probs.size(1) == L.kv_heads && probs.size(2) == group, "probs do not match the block tables");
+  const int64_t* rows = real_slots(L, block_rows);
+  auto out = torch::empty({num_rows, L.kv_heads * L.heads_per_slot, L.dim}, probs.options());
   const float* pp = probs.data_ptr<float>();
   const float* vp = value_pool.data_ptr<float>();
+  const int64_t* row_of = row_of_slot.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
@@ -233,14 +261,22 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_poo
   const int64_t items = L.batch * L.kv_heads, threads = at::get_num_threads();
   int64_t most_per_pass = 1;
   with_vectors(L.dim, [&](auto v) { most_per_pass = queries_per_pass(decltype(v)::value); });
-  const int64_t per_pass = std::clamp<int64_t>(items * L.group / (4 * threads), 1, most_per_pass);
-  const int64_t passes = (L.group + per_pass - 1) / per_pass;
+  const int64_t per_pass = std::clamp<int64_t>(items * group / (4 * threads), 1, most_per_pass);
+  const int64_t passes = (group + per_pass - 1) / per_pass;
   at::parallel_for(0, items * passes, 1, [&](int64_t begin, int64_t end) {
+    float* outs[queries_per_pass(1)];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t item = unit / passes, query = (unit % passes) * per_pass;
-      const int64_t nq = std::min(per_pass, L.group - query), row = item * L.group + query;
-      weighted_sums_any(pp + row * max_entries, max_entries, nq, vp, tables + item * L.max_blocks, lens[item],
-                        L.block_size, L.dim, op + row * L.dim);
+      const int64_t seq = item / L.kv_heads, kv_head = item % L.kv_heads;
+      const int64_t real = (rows ? rows[seq] : 1) * L.heads_per_slot;  // padding slots' queries are not summed
+      const int64_t nq = std::min(per_pass, real - query);
+      for (int64_t q = 0; q < nq; ++q) {
+        const int64_t g = query + q, row = row_of[seq * L.slots + g / L.heads_per_slot];
+        outs[q] = op + (row * L.kv_heads * L.heads_per_slot + kv_head * L.heads_per_slot + g % L.heads_per_slot) * L.dim;
+      }
+      if (nq > 0)
+        weighted_sums_any(pp + (item * group + query) * max_entries, max_entries, nq, vp, tables + item * L.max_blocks,
+                          lens[item], L.block_size, L.dim, outs);
     }
   });
   return out;
