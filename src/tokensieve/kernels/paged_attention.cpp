@@ -65,28 +65,27 @@ inline __m512 sum_lanes_of_16(const __m512 (&acc)[16]) {
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
 }
 
-// out[e] = query . keys[e] for n <= 16 entries lying one after another, dim = 16 V.
+// out[e] = (query . keys[e]) * scale for n <= 16 entries lying one after another, dim = 16 V.
 template <int V>
-void dots(const float* query, const float* keys, int64_t n, float* out) {
+void dots(const float* query, const float* keys, int64_t n, float scale, float* out) {
   __m512 q[V], acc[16];
   for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(query + 16 * v);
   for (int e = 0; e < 16; ++e) acc[e] = _mm512_setzero_ps();
   for (int64_t e = 0; e < n; ++e)
     for (int v = 0; v < V; ++v) acc[e] = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(keys + e * 16 * V + 16 * v), acc[e]);
-  alignas(64) float sums[16];
-  _mm512_store_ps(sums, sum_lanes_of_16(acc));
-  std::copy(sums, sums + n, out);
+  const __mmask16 first_n = static_cast<__mmask16>((1u << n) - 1);
+  _mm512_mask_storeu_ps(out, first_n, _mm512_mul_ps(sum_lanes_of_16(acc), _mm512_set1_ps(scale)));
 }
 #endif
 
-inline void dots_any(const float* query, const float* keys, int64_t n, int64_t dim, float* out) {
+inline void dots_any(const float* query, const float* keys, int64_t n, int64_t dim, float scale, float* out) {
 #if defined(__AVX512F__)
-  if (with_vectors(dim, [&](auto v) { dots<decltype(v)::value>(query, keys, n, out); })) return;
+  if (with_vectors(dim, [&](auto v) { dots<decltype(v)::value>(query, keys, n, scale, out); })) return;
 #endif
   for (int64_t e = 0; e < n; ++e) {
     float sum = 0.f;
     for (int64_t i = 0; i < dim; ++i) sum += query[i] * keys[e * dim + i];
-    out[e] = sum;
+    out[e] = sum * scale;
   }
 }
 
@@ -224,17 +223,15 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
       const int64_t stored_end = std::min(last, length);
       for (int64_t i = stored_end; i < last; ++i)
         for (int64_t g = 0; g < group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
-      float dot_products[16];
       for_each_run(kp, blocks, L.block_size, L.dim, first, stored_end, [&](int64_t run_first, int64_t n, const float* keys) {
         for (int64_t g = 0; g < group; ++g) {
           const int64_t slot = g / L.heads_per_slot;
           const float* query = qp + row_of[seq * L.slots + slot] * row_stride + (kv_head * L.heads_per_slot + g % L.heads_per_slot) * head_stride;
-          dots_any(query, keys, n, L.dim, dot_products);
+          float* scores_of_run = out + g * max_entries + run_first;
+          dots_any(query, keys, n, L.dim, fscale, scores_of_run);
           const bool* sees = has_blocks ? visibility + (seq * L.slots + slot) * L.slots : nullptr;
-          for (int64_t e = 0, i = run_first; e < n; ++e, ++i)
-            out[g * max_entries + i] = i < block_start || sees[i - block_start]
-                                           ? dot_products[e] * fscale
-                                           : -std::numeric_limits<float>::infinity();
+          for (int64_t i = std::max(run_first, block_start); i < run_first + n; ++i)  // the block's entries
+            if (!sees[i - block_start]) scores_of_run[i - run_first] = -std::numeric_limits<float>::infinity();
         }
       });
     }
