@@ -20,8 +20,6 @@ from .tree import DraftTree
 from .verify import accept_path
 
 EXPLORE_EVERY = 32  # forwards; this often a draft (its best node, the Jacobi window) runs even when it does not seem to pay
-
-
 SEQUENCE_PRIOR_WEIGHT = 8  # observations the shared rates are worth in a sequence's own
 
 
@@ -127,7 +125,10 @@ class Speculator:
         return tree
 
     def _sequence_stats(self, seq: Sequence) -> AcceptanceStats:
-        return seq.drafter_state.setdefault("stats", AcceptanceStats(shared=self.stats))
+        stats = seq.drafter_state.get("stats")
+        if stats is None:
+            stats = seq.drafter_state["stats"] = AcceptanceStats(shared=self.stats)
+        return stats
 
     def draft(self, seqs: list[Sequence], batch: int) -> None:
         """Give each decoding sequence its verification block for the next forward (None: plain
