@@ -16,25 +16,26 @@ from tokensieve.speculative.speculator import EXPLORE_EVERY, AcceptanceStats, Sp
 from tokensieve.speculative.tree import DraftTree
 from tokensieve.speculative.verify import accept_path
 
-always = lambda key: 1.0  # noqa: E731
-
 
 def small_tree() -> DraftTree:
-    """root 5 -> {7 -> {8, 9}, 6}; 7 is drafted twice (one node), 6 is less likely."""
-    rates = {("a", 1): 0.9, ("a", 2): 0.8 / 0.9, ("b", 1): 0.5, ("b", 2): 0.6}
+    """root 5 -> {7 -> {8, 9}, 6}; 7 is drafted by both sources (one node), 6 is less likely."""
     tree = DraftTree(5)
-    tree.add_chain(0, [7, 8], [("a", 1), ("a", 2)], rates.get)
-    tree.add_chain(0, [7, 9], [("b", 1), ("b", 2)], rates.get)  # 9: this chain's own 0.5 x 0.6
-    tree.add(0, 6, 0.2, ("b", 1))
+    tree.add_chain(0, [7, 8], [("a", 1), ("a", 2)])
+    tree.add_chain(0, [7, 9], [("b", 1), ("b", 2)])
+    tree.add(0, 6, ("b", 1))
+    rates = {("a", 1, True): 0.9, ("b", 1, True): 0.7, ("a", 2, False): 0.8 / 0.9, ("b", 1, False): 0.2, ("b", 2, False): 0.6}
+    tree.value(rates.get)
     return tree
 
 
-def test_siblings_are_deduplicated_and_keep_the_best_value():
+def test_siblings_are_deduplicated_and_valued_by_their_best_credited_key():
     tree = small_tree()
     assert tree.tokens == [5, 7, 8, 9, 6]
     assert tree.parents == [-1, 0, 1, 1, 0]
     assert tree.depths == [0, 1, 2, 2, 1]
-    assert tree.values[1] == 0.9 and tree.keys[1] == [("a", 1), ("b", 1)]
+    assert tree.keys[1] == [("a", 1), ("b", 1)]
+    assert tree.credited_keys(1) == [("a", 1, True), ("b", 1, True)] and tree.credited_keys(4) == [("b", 1, False)]
+    assert np.allclose(tree.values, [1.0, 0.9, 0.8, 0.9 * 0.6, 0.2])
 
 
 def test_ancestor_mask_lets_a_node_see_only_its_path():
@@ -89,7 +90,7 @@ def test_sampled_walk_draws_what_plain_sampling_draws_with_the_same_generator():
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
     tree = DraftTree(3)
     tokens = [1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 2, 3]
-    PromptLookupDrafter(max_ngram=2).propose({}, tokens, tree, 3, always)
+    PromptLookupDrafter(max_ngram=2).propose({}, tokens, tree, 3)
     # "2 3" occurred twice before the end: latest first (6 7 2), then (4 5 9)
     assert [tree.tokens[n] for n in tree.path(3)] == [3, 6, 7, 2]
     assert [tree.tokens[n] for n in tree.path(6)] == [3, 4, 5, 9]
@@ -105,7 +106,7 @@ def test_token_recycling_fills_its_static_tree_from_learned_successors():
     logits[1, [15, 16, 17, 18]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # after token 11
     drafter.learn(torch.tensor([5, 11]), logits)
     tree = DraftTree(5)
-    drafter.propose({}, [5], tree, 3, always)
+    drafter.propose({}, [5], tree, 3)
     assert sorted(tree.children(0)) == [11, 12, 13, 14]
     assert sorted(tree.children(tree.children(0)[11])) == [15, 16, 17, 18][: len(tree.children(tree.children(0)[11]))]
     assert all(tree.tokens[n] != 0 for n in range(1, len(tree)))  # unknown tokens (12..18) have no children
@@ -128,18 +129,19 @@ def test_lookahead_pool_collects_column_ngrams_and_the_window_moves_up():
     assert list(state["pool"][4]) == [(6, 8)] and list(state["pool"][5]) == [(7, 9)]
     assert state["window"].tolist() == [[6, 7], [8, 9]]
     tree = DraftTree(4)
-    drafter.propose(state, [1, 4], tree, 4, always)
+    drafter.propose(state, [1, 4], tree, 4)
     assert tree.tokens == [4, 6, 8]
 
 
 def test_acceptance_stats_credit_only_nodes_whose_parent_was_accepted():
     tree = small_tree()
     stats = AcceptanceStats()
-    stats.update(tree, [0, 1], streak=2)  # 7 accepted, then neither 8 nor 9
-    assert stats.tried[("a", 1, 2)] == 1 and stats.accepted[("a", 1, 2)] == 1
-    assert stats.tried[("b", 1, 2)] == 2 and stats.accepted[("b", 1, 2)] == 1  # node 7 (accepted) and node 6
-    assert stats.tried[("a", 2, 2)] == 1 and stats.accepted[("a", 2, 2)] == 0
-    assert stats.rate(("a", 1), 2) == (1 + 2 * 0.5) / 3 and stats.rate(("a", 1), 0) == 0.5
+    stats.update(tree, [0, 1], streak=2)  # 7 (both sources) accepted, then neither 8 nor 9
+    assert stats.tried[("a", 1, True, 2)] == 1 and stats.accepted[("a", 1, True, 2)] == 1
+    assert stats.tried[("b", 1, True, 2)] == 1 and stats.accepted[("b", 1, True, 2)] == 1
+    assert stats.tried[("b", 1, False, 2)] == 1 and stats.accepted[("b", 1, False, 2)] == 0  # node 6, "b" alone
+    assert stats.tried[("a", 2, False, 2)] == 1 and stats.accepted[("a", 2, False, 2)] == 0
+    assert stats.rate(("a", 1, True), 2) == (1 + 2 * 0.5) / 3 and stats.rate(("a", 1, True), 0) == 0.5
 
 
 def test_a_sequence_s_acceptance_rates_start_from_the_shared_ones_and_follow_its_own():
@@ -147,10 +149,21 @@ def test_a_sequence_s_acceptance_rates_start_from_the_shared_ones_and_follow_its
     for _ in range(20):
         shared.update(small_tree(), [0, 1], streak=0)  # across requests, node 1 ("a" at depth 1) is accepted
     own = AcceptanceStats(shared=shared)
-    assert own.rate(("a", 1), 0) == shared.rate(("a", 1), 0) > 0.9
+    assert own.rate(("a", 1, True), 0) == shared.rate(("a", 1, True), 0) > 0.9
     for _ in range(20):
         own.update(small_tree(), [0], streak=0)  # this request accepts nothing
-    assert own.rate(("a", 1), 0) < 0.3 and shared.rate(("a", 1), 0) > 0.9
+    assert own.rate(("a", 1, True), 0) < 0.3 and shared.rate(("a", 1, True), 0) > 0.9
+
+
+def test_a_source_is_rated_apart_when_another_source_proposed_the_same_token():
+    """Over many steps "b" alone is wrong and "b" agreeing with "a" is right: a node "b" proposes
+    alone ends up valued low, one both propose high, though "b" used one (depth) key for both."""
+    stats = AcceptanceStats()
+    for _ in range(30):
+        stats.update(small_tree(), [0, 1], streak=0)  # 7 (a and b) accepted, 6 (b alone) not
+    tree = small_tree()
+    tree.value(lambda key: stats.rate(key, 0))
+    assert tree.values[1] > 0.9 and tree.values[4] < 0.1
 
 
 class FakeLatency:
@@ -167,7 +180,9 @@ def _speculator(per_token: float) -> Speculator:
 
 def test_tree_size_maximises_expected_tokens_per_second():
     tree = DraftTree(1)
-    tree.add_chain(0, [2, 3, 4, 5], [0.9, 0.8 / 0.9, 0.3 / 0.8, 0.1 / 0.3], lambda rate: rate)
+    rates = [0.9, 0.8 / 0.9, 0.3 / 0.8, 0.1 / 0.3]
+    tree.add_chain(0, [2, 3, 4, 5], [("a", depth) for depth in range(4)])
+    tree.value(lambda key: rates[key[1]])
     # cheap tokens (0.1 s each): keep nodes while value / cost beats the running rate
     assert _speculator(0.1)._tree_sizes([tree], 1) == [3]
     # expensive tokens: speculation does not pay, fall back to plain decoding...

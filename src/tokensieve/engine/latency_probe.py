@@ -23,7 +23,7 @@ def _chain_block(tokens: list[int]) -> VerificationBlock:
     tree = DraftTree(tokens[0])
     node = 0
     for token in tokens[1:]:
-        node = tree.add(node, token, 1.0)
+        node = tree.add(node, token)
     return VerificationBlock.of_tree(tree)
 
 

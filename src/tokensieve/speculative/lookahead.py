@@ -65,11 +65,11 @@ class LookaheadDrafter:
                 entries.popitem(last=False)
         state["window"] = np.concatenate([window[1:], top[None, :]])
 
-    def propose(self, state: dict, token_ids: list[int], tree: DraftTree, max_depth: int, rate) -> None:
+    def propose(self, state: dict, token_ids: list[int], tree: DraftTree, max_depth: int) -> None:
         entries = self._state(state, token_ids)["pool"].get(tree.tokens[ROOT])
         if not entries:
             return
         for continuation in reversed(entries):  # most recent first
             chain = continuation[:max_depth]
             keys = [(self.name, depth) for depth in range(1, len(chain) + 1)]
-            tree.add_chain(ROOT, chain, keys, rate)
+            tree.add_chain(ROOT, chain, keys)

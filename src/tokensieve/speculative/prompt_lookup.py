@@ -29,7 +29,7 @@ class PromptLookupDrafter:
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_matches: int = 4):
         self.max_ngram, self.min_ngram, self.max_matches = max_ngram, min_ngram, max_matches
 
-    def propose(self, state: dict, token_ids: list[int], tree: DraftTree, max_depth: int, rate) -> None:
+    def propose(self, state: dict, token_ids: list[int], tree: DraftTree, max_depth: int) -> None:
         index = state.get("index") or state.setdefault("index", NgramIndex(self.max_ngram))
         index.update(token_ids)
         found = 0
@@ -40,7 +40,7 @@ class PromptLookupDrafter:
                     return
                 continuation = token_ids[start : start + max_depth]
                 keys = [(self.name, n, depth) for depth in range(1, len(continuation) + 1)]
-                tree.add_chain(ROOT, continuation, keys, rate)
+                tree.add_chain(ROOT, continuation, keys)
                 found += 1
             if found:  # a longer match is the better evidence; shorter ones only when none was found
                 return

@@ -46,7 +46,7 @@ class TokenRecyclingDrafter:
         self.successors[tokens] = top
         self.known[tokens] = True
 
-    def propose(self, state: dict, token_ids: list[int], tree: DraftTree, max_depth: int, rate) -> None:
+    def propose(self, state: dict, token_ids: list[int], tree: DraftTree, max_depth: int) -> None:
         slot_node = [ROOT]  # the tree node of each filled slot (slot 0 is the root); None when unfilled
         slot_depth = [0]
         for parent_slot, rank in self.slots:
@@ -57,6 +57,5 @@ class TokenRecyclingDrafter:
             if parent is None or depth > max_depth or not self.known[parent_token]:
                 slot_node.append(None)
                 continue
-            key = (self.name, depth, rank)
             token = int(self.successors[parent_token, rank])
-            slot_node.append(tree.add(parent, token, tree.values[parent] * rate(key), key))
+            slot_node.append(tree.add(parent, token, (self.name, depth, rank)))

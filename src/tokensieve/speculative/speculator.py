@@ -1,6 +1,6 @@
 """The fused drafter and its bookkeeping: every source adds candidates to one trie per sequence,
-each node valued by how often that source's candidates at that depth (and rank) were accepted so
-far; the most valuable nodes are kept, as many as pay for their forward time on this machine."""
+each node valued by how often that source's candidates at that depth (and rank), alone or agreed
+on by another source, were accepted so far; the most valuable nodes are kept, as many as pay for their forward time on this machine."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ SEQUENCE_PRIOR_WEIGHT = 8  # observations the shared rates are worth in a sequen
 
 
 class AcceptanceStats:
-    """How often drafted nodes were accepted when their parent was, per (source, depth[, rank]) key
-    and "streak" (how many drafted tokens the sequence's previous forward accepted: 0, 1 or 2+,
+    """How often drafted nodes were accepted when their parent was, per credited key (source,
+    depth[, rank], whether another source proposed the same token) and "streak" (how many drafted tokens the sequence's previous forward accepted: 0, 1 or 2+,
     since a sequence that is copying text keeps copying). The engine keeps one shared by all
     requests, and one per sequence whose prior is the shared one: how guessable a text is varies
     from request to request (a summary copies, a proof does not), and a request soon shows which."""
@@ -50,7 +50,7 @@ class AcceptanceStats:
         on_path = set(path)
         for node in range(1, len(tree)):
             if tree.parents[node] in on_path:
-                for key in tree.keys[node]:
+                for key in tree.credited_keys(node):
                     self.tried[key + (streak,)] += 1
                     self.accepted[key + (streak,)] += node in on_path
 
@@ -118,10 +118,10 @@ class Speculator:
         depth = self._max_depth(seq)
         streak = seq.drafter_state.get("streak", 0)
         stats = self._sequence_stats(seq)
-        rate = lambda key: stats.rate(key, streak)  # noqa: E731
         if depth > 0:
             for drafter in self.drafters:
-                drafter.propose(seq.drafter_state.setdefault(drafter.name, {}), seq.token_ids, tree, depth, rate)
+                drafter.propose(seq.drafter_state.setdefault(drafter.name, {}), seq.token_ids, tree, depth)
+            tree.value(lambda key: stats.rate(key, streak))
         return tree
 
     def _sequence_stats(self, seq: Sequence) -> AcceptanceStats:

@@ -2,8 +2,8 @@
 
 Nodes are numbered so that a parent always comes before its children; siblings never repeat a
 token. Node i is verified at position n + depth(i) and attends to the prefix and to its own
-ancestors (the ancestor mask). Each node carries an estimate of the chance that verification
-accepts it, and the (source, key) pairs that proposed it, so acceptance can be credited.
+ancestors (the ancestor mask). Each node carries the (source, key) pairs that proposed it, so that
+acceptance can be credited, and, once valued, an estimate of the chance that verification accepts it.
 """
 
 from __future__ import annotations
@@ -33,31 +33,40 @@ class DraftTree:
         """token -> child node."""
         return self._children[node]
 
-    def add(self, parent: int, token: int, value: float, key: tuple | None = None) -> int:
-        """The child of `parent` with `token` (created if new; a repeat keeps the higher value)."""
+    def add(self, parent: int, token: int, key: tuple | None = None) -> int:
+        """The child of `parent` with `token` (created if new, else `key` joins its keys)."""
         child = self._children[parent].get(token)
         if child is None:
             child = len(self.tokens)
             self.tokens.append(token)
             self.parents.append(parent)
             self.depths.append(self.depths[parent] + 1)
-            self.values.append(value)
+            self.values.append(0.0)
             self.keys.append([])
             self._children.append({})
             self._children[parent][token] = child
-        else:
-            self.values[child] = max(self.values[child], value)
         if key is not None and key not in self.keys[child]:
             self.keys[child].append(key)
         return child
 
-    def add_chain(self, parent: int, tokens, keys, rate) -> None:
-        """Add `tokens` below `parent`, one per depth, valued along the chain: the value of `parent`
-        times rate(key) of every key down to the token."""
-        value = self.values[parent]
+    def add_chain(self, parent: int, tokens, keys) -> None:
+        """Add `tokens` below `parent`, one per depth, each with its key."""
         for token, key in zip(tokens, keys):
-            value *= rate(key)
-            parent = self.add(parent, int(token), value, key)
+            parent = self.add(parent, int(token), key)
+
+    def credited_keys(self, node: int) -> list[tuple]:
+        """The keys the node's acceptance is credited to: each proposing source's key, marked with
+        whether another source proposed the same token (sources that agree are right far more often
+        than either alone, so a source's rate is kept apart for the two cases)."""
+        agreed = len({key[0] for key in self.keys[node]}) > 1
+        return [key + (agreed,) for key in self.keys[node]]
+
+    def value(self, rate) -> None:
+        """Estimate every node's chance of acceptance: its parent's times the best rate(key) of its
+        credited keys (a rate is the chance of acceptance once the parent is accepted)."""
+        for node in range(1, len(self.tokens)):
+            best = max(rate(key) for key in self.credited_keys(node))
+            self.values[node] = self.values[self.parents[node]] * best
 
     def path(self, node: int) -> list[int]:
         """Nodes from the root down to `node`."""
@@ -78,8 +87,9 @@ class DraftTree:
         new_index = {ROOT: ROOT}
         for node in keep:  # parents come first in node order
             parent = new_index[self.parents[node]]
-            new_index[node] = tree.add(parent, self.tokens[node], self.values[node])
+            new_index[node] = tree.add(parent, self.tokens[node])
             tree.keys[new_index[node]] = list(self.keys[node])
+            tree.values[new_index[node]] = self.values[node]
         return tree
 
     def ancestor_mask(self) -> np.ndarray:
