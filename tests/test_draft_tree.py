@@ -23,7 +23,8 @@ def small_tree() -> DraftTree:
     tree.add_chain(0, [7, 8], [("a", 1), ("a", 2)])
     tree.add_chain(0, [7, 9], [("b", 1), ("b", 2)])
     tree.add(0, 6, ("b", 1))
-    rates = {("a", 1, True): 0.9, ("b", 1, True): 0.7, ("a", 2, False): 0.8 / 0.9, ("b", 1, False): 0.2, ("b", 2, False): 0.6}
+    rates = {("a", 1, True): 0.9, ("b", 1, True): 0.7, ("a", 2, False): 0.8 / 0.9}
+    rates |= {("b", 1, False): 0.2, ("b", 2, False): 0.6}
     tree.value(rates.get)
     return tree
 

@@ -1,6 +1,7 @@
 """The fused drafter and its bookkeeping: every source adds candidates to one trie per sequence,
 each node valued by how often that source's candidates at that depth (and rank), alone or agreed
-on by another source, were accepted so far; the most valuable nodes are kept, as many as pay for their forward time on this machine."""
+on by another source, were accepted so far; the most valuable nodes are kept, as many as pay for
+their forward time on this machine."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ SEQUENCE_PRIOR_WEIGHT = 8  # observations the shared rates are worth in a sequen
 
 class AcceptanceStats:
     """How often drafted nodes were accepted when their parent was, per credited key (source,
-    depth[, rank], whether another source proposed the same token) and "streak" (how many drafted tokens the sequence's previous forward accepted: 0, 1 or 2+,
-    since a sequence that is copying text keeps copying). The engine keeps one shared by all
-    requests, and one per sequence whose prior is the shared one: how guessable a text is varies
-    from request to request (a summary copies, a proof does not), and a request soon shows which."""
+    depth[, rank], whether another source proposed the same token) and "streak" (how many drafted
+    tokens the sequence's previous forward accepted: 0, 1 or 2+, since a sequence that is copying
+    text keeps copying). The engine keeps one shared by all requests, and one per sequence whose
+    prior is the shared one: how guessable a text is varies from request to request (a summary
+    copies, a proof does not), and a request soon shows which."""
 
     def __init__(self, shared: "AcceptanceStats | None" = None):
         self.shared = shared
