@@ -75,7 +75,7 @@ def test_paged_decode_attention_matches_gather_and_softmax(kernels):
     tables = torch.randperm(64, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
     q = torch.randn(batch, kv_heads * group, dim, generator=gen)  # [rows, heads, dim]
     scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, one_slot_each(batch), EMPTY, EMPTY)
-    out = kernels.paged_weighted_values(torch.softmax(scores, -1), pool_v, tables, lengths, one_slot_each(batch), EMPTY, batch)
+    out = kernels.paged_softmax_values(scores, pool_v, tables, lengths, one_slot_each(batch), EMPTY, batch)
     for b in range(batch):
         for h in range(kv_heads):
             n = int(lengths[b, h])
@@ -99,14 +99,39 @@ def test_paged_attention_of_a_query_does_not_depend_on_the_others_in_its_group(k
     q = torch.randn(1, kv_heads * group, dim, generator=gen)
     row = one_slot_each(1)
     scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
-    probs = torch.softmax(scores, -1)
-    out = kernels.paged_weighted_values(probs, pool_v, tables, lengths, row, EMPTY, 1).view(1, kv_heads, group, dim)
+    out = kernels.paged_softmax_values(scores, pool_v, tables, lengths, row, EMPTY, 1).view(1, kv_heads, group, dim)
     for g in range(group):
         alone_q = q.view(1, kv_heads, group, dim)[:, :, g]  # one query head per KV head, strided in q
         alone = kernels.paged_scores(alone_q, pool_k, tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
         assert torch.equal(alone[:, :, 0], scores[:, :, g])
-        values = kernels.paged_weighted_values(probs[:, :, g : g + 1].contiguous(), pool_v, tables, lengths, row, EMPTY, 1)
+        values = kernels.paged_softmax_values(scores[:, :, g : g + 1].contiguous(), pool_v, tables, lengths, row, EMPTY, 1)
         assert torch.equal(values, out[:, :, g])
+
+
+def test_paged_attention_of_a_query_does_not_depend_on_padding_or_on_hidden_entries_among_its_own(kernels):
+    """A tree node's ancestors lie among its siblings' entries, and a batch pads every table to its widest:
+    neither may change a bit of the node's attention, or greedy speculation would drift from plain decoding."""
+    gen = torch.Generator().manual_seed(3)
+    dim, block_size = 64, 16
+    pool_k = torch.randn(8, block_size, dim, generator=gen)
+    pool_v = torch.randn(8, block_size, dim, generator=gen)
+    q = torch.randn(1, 3, dim, generator=gen)
+    row = one_slot_each(1)
+
+    def attend(order, hidden, width):
+        """The query over pool entries `order` (those at the indices `hidden` scored -inf), tables `width` blocks wide."""
+        keys, values = torch.zeros(width * block_size, dim), torch.zeros(width * block_size, dim)
+        keys[: len(order)], values[: len(order)] = pool_k.view(-1, dim)[order], pool_v.view(-1, dim)[order]
+        tables, lengths = torch.arange(width).view(1, 1, width), torch.tensor([[len(order)]])
+        scores = kernels.paged_scores(q, keys.view(width, block_size, dim), tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
+        scores[..., hidden] = float("-inf")
+        return kernels.paged_softmax_values(scores, values.view(width, block_size, dim), tables, lengths, row, EMPTY, 1)
+
+    for n in range(30, 46):
+        decoded = attend(list(range(n)), [], 3)
+        assert torch.equal(attend(list(range(n)), [], 5), decoded)  # more padding blocks
+        siblings = list(range(n - 2)) + [100, n - 2, 101, 102, n - 1]  # the last two entries behind hidden siblings
+        assert torch.equal(attend(siblings, [n - 2, n, n + 1], 3), decoded)
 
 
 def test_draft_tree_slots_read_and_write_their_rows_and_hide_the_block_entries_they_do_not_see(kernels):
@@ -127,7 +152,7 @@ def test_draft_tree_slots_read_and_write_their_rows_and_hide_the_block_entries_t
     ], dtype=torch.bool)
     rows = torch.tensor([3, 2])
     scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, row_of_slot, visibility, rows)
-    out = kernels.paged_weighted_values(torch.softmax(scores, -1), pool_v, tables, lengths, row_of_slot, rows, 5)
+    out = kernels.paged_softmax_values(scores, pool_v, tables, lengths, row_of_slot, rows, 5)
     for b in range(batch):
         for h in range(kv_heads):
             n, start = int(lengths[b, h]), int(lengths[b, h] - rows[b])

@@ -215,8 +215,7 @@ class PagedAttention:
         group_size = q.shape[1] // tables.shape[1]
         for seq, observer in group.observers.items():
             observer(layer, scores[seq, :, :group_size].unsqueeze(2), 0, 1)
-        probs = torch.softmax(scores, dim=-1)
-        return self.kernels.paged_weighted_values(probs, self.pool.values, tables, lengths, group.row_of_slot, block_rows, q.shape[0])
+        return self.kernels.paged_softmax_values(scores, self.pool.values, tables, lengths, group.row_of_slot, block_rows, q.shape[0])
 
     def _attend_prefill(self, layer, chunk: PrefillChunk, q, k, v) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape

@@ -6,6 +6,6 @@ torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qweight, torch::Te
 torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tensor block_tables, torch::Tensor lengths,
                            double scale, torch::Tensor row_of_slot, torch::Tensor block_visibility,
                            torch::Tensor block_rows);
-torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_pool, torch::Tensor block_tables,
-                                    torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows,
-                                    int64_t num_rows);
+torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_pool, torch::Tensor block_tables,
+                                   torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows,
+                                   int64_t num_rows);

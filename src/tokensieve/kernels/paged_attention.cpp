@@ -2,10 +2,14 @@
 //
 // Each (sequence, KV head) has its own block list and length. paged_scores computes, for the G query
 // heads sharing that KV head, q . k * scale for every stored entry (-inf past the length);
-// after a softmax, paged_weighted_values sums p * v. No copy of the cache is made. Scores are taken 16
-// entries at a time (one horizontal sum for all 16), and value vectors are loaded once for several
-// queries; a query's result never depends on the other queries in the call, so a row verified in a
-// draft tree gets exactly what it would get decoded alone.
+// paged_softmax_values sums exp(s - max) * v and exp(s - max) entry after entry, then divides. No
+// copy of the cache is made. Scores are taken 16 entries at a time (one horizontal sum for all 16),
+// and value vectors are loaded once for several queries.
+//
+// A query's result never depends on the other queries in the call, nor on how many padding or hidden
+// (-inf) entries lie among its entries: a hidden entry weighs exactly 0 and adds exactly nothing to
+// sums taken in entry order. So a row verified in a draft tree, where its ancestors' entries lie among
+// its siblings', gets bit for bit what it would get decoded alone.
 //
 // Queries are read, and outputs written, in the model's own [rows, heads, dim] layout: sequence b's
 // slot s is row row_of_slot[b][s]. A decoding sequence has one slot; one verifying a draft tree has
@@ -15,6 +19,7 @@
 #include "kernels.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <type_traits>
 #if defined(__AVX512F__)
@@ -102,52 +107,99 @@ inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block
   }
 }
 
-// out[q][0..dim) = sum over the first `length` entries of p[q][i] * value(i), entry after entry, for
-// nq <= queries_per_pass(V) queries at once (dim = 16 V), their sums in registers: each value
+#if defined(__AVX512F__)
+// e^x lane by lane (Cephes' expf: x = n ln 2 + r, a degree-7 polynomial in r, times 2^n), one
+// function for every lane so that a value's exponential does not depend on its neighbours; e^-inf = 0.
+inline __m512 exp_lanes(__m512 x) {
+  const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is below the smallest float: the result is 0 all the same
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(p, n));
+}
+#endif
+
+// The largest of the first `length` scores of each of nq rows.
+void row_maxima(const float* s, int64_t s_stride, int64_t nq, int64_t length, float* top) {
+  for (int64_t q = 0; q < nq; ++q, s += s_stride) {
+#if defined(__AVX512F__)
+    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __m512 most = minus_inf;
+    for (int64_t e = 0; e < length; e += 16)
+      most = _mm512_max_ps(most, _mm512_mask_loadu_ps(minus_inf, static_cast<__mmask16>((1u << std::min<int64_t>(16, length - e)) - 1), s + e));
+    top[q] = _mm512_reduce_max_ps(most);
+#else
+    top[q] = *std::max_element(s, s + length);
+#endif
+  }
+}
+
+// out[q][0..dim) = softmax-weighted sum over the first `length` entries: w = exp(s[q][i] - top[q])
+// times value(i), summed entry after entry and divided by the sum of w (also entry after entry),
+// for nq <= queries_per_pass(V) queries at once (dim = 16 V), their sums in registers: each value
 // vector is loaded once for all of them. A query's sums do not depend on the others in the pass.
 #if defined(__AVX512F__)
 template <int V>
-void weighted_sums(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
+void weighted_sums(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
                    int64_t length, int64_t block_size, float* const* out) {
   constexpr int Q = queries_per_pass(V);
   __m512 sum[Q][V];
+  float total[Q] = {};
+  alignas(64) float w[Q][16];
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < V; ++v) sum[q][v] = _mm512_setzero_ps();
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for_each_run(values, blocks, block_size, 16 * V, 0, length, [&](int64_t first, int64_t n, const float* rows) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+    for (int q = 0; q < Q; ++q) {
+      if (q >= nq) break;
+      _mm512_store_ps(w[q], exp_lanes(_mm512_sub_ps(_mm512_mask_loadu_ps(minus_inf, lanes, s + q * s_stride + first), _mm512_set1_ps(top[q]))));
+    }
     for (int64_t e = 0; e < n; ++e) {
       __m512 value[V];
       for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(rows + e * 16 * V + 16 * v);
       for (int q = 0; q < Q; ++q) {
         if (q >= nq) break;
-        const __m512 weight = _mm512_set1_ps(p[q * p_stride + first + e]);
+        total[q] += w[q][e];
+        const __m512 weight = _mm512_set1_ps(w[q][e]);
         for (int v = 0; v < V; ++v) sum[q][v] = _mm512_fmadd_ps(weight, value[v], sum[q][v]);
       }
     }
   });
   for (int q = 0; q < nq; ++q)
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out[q] + v * 16, sum[q][v]);
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out[q] + v * 16, _mm512_div_ps(sum[q][v], _mm512_set1_ps(total[q])));
 }
 #endif
 
 // The same for any dim, one query at a time, without vectors.
-void weighted_sums_scalar(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
+void weighted_sums_scalar(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
                           int64_t length, int64_t block_size, int64_t dim, float* const* out) {
   for (int64_t q = 0; q < nq; ++q) {
+    float total = 0.f;
     std::fill(out[q], out[q] + dim, 0.f);
     for_each_run(values, blocks, block_size, dim, 0, length, [&](int64_t first, int64_t n, const float* rows) {
-      for (int64_t e = 0; e < n; ++e)
-        for (int64_t d = 0; d < dim; ++d) out[q][d] += p[q * p_stride + first + e] * rows[e * dim + d];
+      for (int64_t e = 0; e < n; ++e) {
+        const float w = std::exp(s[q * s_stride + first + e] - top[q]);
+        total += w;
+        for (int64_t d = 0; d < dim; ++d) out[q][d] += w * rows[e * dim + d];
+      }
     });
+    for (int64_t d = 0; d < dim; ++d) out[q][d] /= total;
   }
 }
 
-void weighted_sums_any(const float* p, int64_t p_stride, int64_t nq, const float* values, const int64_t* blocks,
+void weighted_sums_any(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
                        int64_t length, int64_t block_size, int64_t dim, float* const* out) {
 #if defined(__AVX512F__)
-  if (with_vectors(dim, [&](auto v) { weighted_sums<decltype(v)::value>(p, p_stride, nq, values, blocks, length, block_size, out); }))
+  if (with_vectors(dim, [&](auto v) { weighted_sums<decltype(v)::value>(s, s_stride, top, nq, values, blocks, length, block_size, out); }))
     return;
 #endif
-  weighted_sums_scalar(p, p_stride, nq, values, blocks, length, block_size, dim, out);
+  weighted_sums_scalar(s, s_stride, top, nq, values, blocks, length, block_size, dim, out);
 }
 
 struct Layout {
@@ -239,16 +291,16 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
   return scores;
 }
 
-torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_pool, torch::Tensor block_tables,
-                                    torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows, int64_t num_rows) {
-  TORCH_CHECK(probs.dim() == 4 && probs.scalar_type() == torch::kFloat32 && probs.is_contiguous(),
-              "probs must be a contiguous float32 [batch, kv_heads, slots * heads per slot, entries] tensor");
-  const Layout L = check(probs.size(2) / row_of_slot.size(1) * block_tables.size(1), value_pool, block_tables, lengths, row_of_slot);
-  const int64_t group = L.group(), max_entries = probs.size(3);
-  TORCH_CHECK(probs.size(0) == L.batch && probs.size(1) == L.kv_heads && probs.size(2) == group, "probs do not match the block tables");
+torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_pool, torch::Tensor block_tables,
+                                   torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows, int64_t num_rows) {
+  TORCH_CHECK(scores.dim() == 4 && scores.scalar_type() == torch::kFloat32 && scores.is_contiguous(),
+              "scores must be a contiguous float32 [batch, kv_heads, slots * heads per slot, entries] tensor");
+  const Layout L = check(scores.size(2) / row_of_slot.size(1) * block_tables.size(1), value_pool, block_tables, lengths, row_of_slot);
+  const int64_t group = L.group(), max_entries = scores.size(3);
+  TORCH_CHECK(scores.size(0) == L.batch && scores.size(1) == L.kv_heads && scores.size(2) == group, "scores do not match the block tables");
   const int64_t* rows = real_slots(L, block_rows);
-  auto out = torch::empty({num_rows, L.kv_heads * L.heads_per_slot, L.dim}, probs.options());
-  const float* pp = probs.data_ptr<float>();
+  auto out = torch::empty({num_rows, L.kv_heads * L.heads_per_slot, L.dim}, scores.options());
+  const float* sp = scores.data_ptr<float>();
   const float* vp = value_pool.data_ptr<float>();
   const int64_t* row_of = row_of_slot.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
@@ -262,6 +314,7 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_poo
   const int64_t passes = (group + per_pass - 1) / per_pass;
   at::parallel_for(0, items * passes, 1, [&](int64_t begin, int64_t end) {
     float* outs[queries_per_pass(1)];
+    float top[queries_per_pass(1)];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t item = unit / passes, query = (unit % passes) * per_pass;
       const int64_t seq = item / L.kv_heads, kv_head = item % L.kv_heads;
@@ -271,9 +324,10 @@ torch::Tensor paged_weighted_values(torch::Tensor probs, torch::Tensor value_poo
         const int64_t g = query + q, row = row_of[seq * L.slots + g / L.heads_per_slot];
         outs[q] = op + (row * L.kv_heads * L.heads_per_slot + kv_head * L.heads_per_slot + g % L.heads_per_slot) * L.dim;
       }
-      if (nq > 0)
-        weighted_sums_any(pp + (item * group + query) * max_entries, max_entries, nq, vp, tables + item * L.max_blocks,
-                          lens[item], L.block_size, L.dim, outs);
+      if (nq <= 0) continue;
+      const float* scores_of = sp + (item * group + query) * max_entries;
+      row_maxima(scores_of, max_entries, nq, lens[item], top);
+      weighted_sums_any(scores_of, max_entries, top, nq, vp, tables + item * L.max_blocks, lens[item], L.block_size, L.dim, outs);
     }
   });
   return out;
