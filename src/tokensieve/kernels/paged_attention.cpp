@@ -122,16 +122,19 @@ inline __m512 exp_lanes(__m512 x) {
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(p, n));
 }
+
+// The n <= 16 scores at s in the first lanes, -inf in the others.
+inline __m512 load_scores(const float* s, int64_t n) {
+  return _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), static_cast<__mmask16>((1u << n) - 1), s);
+}
 #endif
 
 // The largest of the first `length` scores of each of nq rows.
 void row_maxima(const float* s, int64_t s_stride, int64_t nq, int64_t length, float* top) {
   for (int64_t q = 0; q < nq; ++q, s += s_stride) {
 #if defined(__AVX512F__)
-    const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    __m512 most = minus_inf;
-    for (int64_t e = 0; e < length; e += 16)
-      most = _mm512_max_ps(most, _mm512_mask_loadu_ps(minus_inf, static_cast<__mmask16>((1u << std::min<int64_t>(16, length - e)) - 1), s + e));
+    __m512 most = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t e = 0; e < length; e += 16) most = _mm512_max_ps(most, load_scores(s + e, std::min<int64_t>(16, length - e)));
     top[q] = _mm512_reduce_max_ps(most);
 #else
     top[q] = *std::max_element(s, s + length);
@@ -153,12 +156,10 @@ void weighted_sums(const float* s, int64_t s_stride, const float* top, int64_t n
   alignas(64) float w[Q][16];
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < V; ++v) sum[q][v] = _mm512_setzero_ps();
-  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for_each_run(values, blocks, block_size, 16 * V, 0, length, [&](int64_t first, int64_t n, const float* rows) {
-    const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
     for (int q = 0; q < Q; ++q) {
       if (q >= nq) break;
-      _mm512_store_ps(w[q], exp_lanes(_mm512_sub_ps(_mm512_mask_loadu_ps(minus_inf, lanes, s + q * s_stride + first), _mm512_set1_ps(top[q]))));
+      _mm512_store_ps(w[q], exp_lanes(_mm512_sub_ps(load_scores(s + q * s_stride + first, n), _mm512_set1_ps(top[q]))));
     }
     for (int64_t e = 0; e < n; ++e) {
       __m512 value[V];
