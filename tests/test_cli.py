@@ -50,6 +50,11 @@ def test_kv_policy_options_are_checked_before_loading(capsys):
     assert "invalid choice: 'lru'" in capsys.readouterr().err
 
 
+def test_int8_activations_that_cannot_run_are_reported_before_loading(capsys):
+    assert cli.main(["generate", "hi", "--activations", "int8", "--dtype", "bfloat16"]) == 2
+    assert "activations='int8' runs in the native CPU kernels" in capsys.readouterr().err
+
+
 def test_kv_policy_options_build_the_policy_config():
     args = cli.build_parser().parse_args(["generate", "x", "--kv-policy", "snapkv", "--kv-budget", "64", "--kv-allocation", "pyramid"])
     config = cli._kv_policy(args)

@@ -124,9 +124,9 @@ def test_mixed_type_gguf_matches_transformers(written, use_kernels):
     if use_kernels:
         assert kernels is not None, "the C++ kernels failed to build"
     model = load_model(path, kernels=kernels)
-    assert (model.layers[0].self_attn.o_proj.kernel is not None) == use_kernels
-    assert model.layers[0].mlp.gate_up_proj.kernel is None  # Q4_1 + Q4_K: no common block type, dense
-    assert model.layers[0].mlp.down_proj.kernel is None  # Q6_K has no kernel
+    assert (model.layers[0].self_attn.o_proj.native is not None) == use_kernels
+    assert model.layers[0].mlp.gate_up_proj.native is None  # Q4_1 + Q4_K: no common block type, dense
+    assert model.layers[0].mlp.down_proj.native is None  # Q6_K has no kernel
     ids = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(0))  # <= 16 rows: kernel path
     ours = model(ids, torch.arange(12), causal_attention)
     with torch.inference_mode():

@@ -180,7 +180,7 @@ def test_engine_without_kernels_matches_transformers(hf_model, llm, pytorch_llm)
     """The plain-PyTorch path (used where the kernels cannot be built) stays correct too."""
     from tokensieve import SamplingParams
 
-    assert pytorch_llm.engine.kernels is None and pytorch_llm.engine.model.lm_head.kernel is None
+    assert pytorch_llm.engine.kernels is None and pytorch_llm.engine.model.lm_head.native is None
     ids = llm.encode([{"role": "user", "content": "Name three colours."}])
     ours = pytorch_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
     with torch.inference_mode():

@@ -33,10 +33,11 @@ def main() -> None:
         "--target", type=float, default=1.6, help="decode speedup (first token left out) to price a drafted token for"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--activations", default="float32", choices=["float32", "int8"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    plain = LLM(args.model)
+    plain = LLM(args.model, activations=args.activations)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     prompts = load_prompts(QUESTIONS, args.per_category)
     requests = [(p["category"], plain.encode([{"role": "user", "content": p["text"]}])) for p in prompts]

@@ -1,7 +1,7 @@
 """Forward latency by number of drafted tokens (batch 1) at a chosen context, through the engine's
 own latency probe (the grid timed round after round, medians), and its ratio to a plain step:
 
-    .venv/bin/python benchmarks/scripts/forward_latency.py --context 800 --rounds 25
+    .venv/bin/python benchmarks/scripts/forward_latency.py --context 800 --rounds 25 [--activations int8]
 """
 
 import argparse
@@ -18,14 +18,15 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=800)
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--activations", default="float32", choices=["float32", "int8"])
     parser.add_argument("--grid", type=int, nargs="+", default=[0, 1, 2, 4, 8, 16])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engine = LLM(args.model).engine
+    engine = LLM(args.model, activations=args.activations).engine
     probe = LatencyProbe(engine.runner, engine.block_manager, engine.model.config.vocab_size, args.context, args.rounds)
     seconds = probe(1, args.grid)
     plain = seconds[args.grid.index(0)] if 0 in args.grid else seconds[0]
-    print(f"context {args.context}, batch 1, median of {args.rounds} rounds")
+    print(f"context {args.context}, batch 1, {args.activations} activations, median of {args.rounds} rounds")
     print("| drafted tokens | " + " | ".join(str(d) for d in args.grid) + " |")
     print("|---|" + "---:|" * len(args.grid))
     print("| forward ms | " + " | ".join(f"{s * 1000:.1f}" for s in seconds) + " |")

@@ -14,6 +14,8 @@ from .weights.packaged import DEFAULT_MODEL
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="packaged alias, .gguf file or Hugging Face folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--activations", default="float32", choices=["float32", "int8"],
+                        help="int8: round what enters a Q4/Q8 matmul to int8 per 32 values (faster, ~0.5%% error)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -87,7 +89,11 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device, kv_policy=_kv_policy(args), speculative=_speculative(args))
+    try:
+        return LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations,
+                   kv_policy=_kv_policy(args), speculative=_speculative(args))
+    except ValueError as exc:  # an engine setting that does not fit (int8 activations without kernels, ...)
+        raise TokensieveError(str(exc)) from None
 
 
 def _stream(llm, prompt, params, show_stats: bool) -> str:

@@ -31,9 +31,10 @@ class LLM:
 
     def with_options(self, **engine_options) -> "LLM":
         """A new LLM with other engine settings (pool size, chunking...) sharing these weights."""
-        if {"dtype", "device", "native_kernels"} & engine_options.keys():
+        if {"dtype", "device", "native_kernels", "activations"} & engine_options.keys():
             raise ValueError(
-                "with_options shares the loaded weights: load the model again to change dtype, device or native_kernels"
+                "with_options shares the loaded weights: load the model again to change dtype, device, "
+                "native_kernels or activations"
             )
         other = object.__new__(LLM)
         config = EngineConfig(**{**vars(self.engine.config), **engine_options})

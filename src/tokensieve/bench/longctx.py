@@ -63,7 +63,7 @@ def run_longctx_benchmark(args) -> dict:
 
     torch.set_num_threads(args.threads)
     llm = LLM(
-        args.model, dtype=args.dtype, device=args.device, kv_cache_bytes=args.kv_cache_bytes,
+        args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_cache_bytes=args.kv_cache_bytes,
         prefill_chunk_size=args.prefill_chunk_size, max_batched_tokens=max(2048, args.prefill_chunk_size),
     )
     hf_model = None if args.no_transformers else load_hf_model(args.model, DTYPES[args.dtype])

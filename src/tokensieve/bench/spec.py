@@ -120,7 +120,10 @@ def run_spec_benchmark(args) -> dict:
         config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes)
     except ValueError as exc:
         raise TokensieveError(str(exc)) from None
-    plain = LLM(args.model)
+    try:
+        plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations)
+    except ValueError as exc:
+        raise TokensieveError(str(exc)) from None
     spec = plain.with_options(speculative=config)
     hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)

@@ -48,13 +48,14 @@ def run_speed_benchmark(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
-              kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels)
+              kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations)
     hf = load_hf_model(args.model, dtype)
     vocab = llm.engine.model.config.vocab_size
     kernels = "on" if llm.engine.kernels is not None else "off"
-    print(f"model {args.model}, {args.dtype}, {torch.get_num_threads()} threads, native kernels {kernels}, "
+    print(f"model {args.model}, {args.dtype}, {args.activations} activations, {torch.get_num_threads()} threads, "
+          f"native kernels {kernels}, "
           f"{platform.processor() or platform.machine()}")
-    results = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "native_kernels": kernels,
+    results = {"model": args.model, "dtype": args.dtype, "activations": args.activations, "threads": torch.get_num_threads(), "native_kernels": kernels,
                "prefill": [], "decode": []}
     warm = _random_prompts(1, 64, vocab, 0)
     ours_timed(llm, warm, 4), hf_generate_timed(hf, warm, 4)

@@ -41,7 +41,7 @@ class LLMEngine:
             self.model = model.to(device=self.device, dtype=config.torch_dtype)
             self.tokenizer = tokenizer
         else:
-            self.model = load_model(model, config.torch_dtype, config.device, self.kernels)
+            self.model = load_model(model, config.torch_dtype, config.device, self.kernels, config.activations)
             self.tokenizer = load_tokenizer(model)
         model_cfg = self.model.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
@@ -99,7 +99,7 @@ class LLMEngine:
         if self.speculator is None:
             config = self.config.speculative or SpeculativeConfig()
             fingerprint = hashlib.sha256(repr((
-                self.model.config, self.config.dtype, self.config.device, self.config.block_size,
+                self.model.config, self.config.dtype, self.config.activations, self.config.device, self.config.block_size,
                 getattr(self.kernels, "__file__", None), torch.get_num_threads(),
             )).encode()).hexdigest()[:16]
             latency = LatencyTable(

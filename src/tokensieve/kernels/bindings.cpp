@@ -2,6 +2,7 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantized_matmul", &quantized_matmul, "x @ W^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0)");
+  m.def("int8_matmul", &int8_matmul, "x @ W^T with x quantized to int8 per 32-block, W in repacked GGUF blocks");
   m.def("paged_scores", &paged_scores, "q . k for every stored entry of each (sequence, KV head), read in place");
   m.def("paged_softmax_values", &paged_softmax_values, "softmax of the scores times v over the stored entries, read in place");
 }

@@ -3,6 +3,8 @@
 
 torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
                                int64_t kind);
+torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins,
+                          int64_t kind, int64_t out_features);
 torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tensor block_tables, torch::Tensor lengths,
                            double scale, torch::Tensor row_of_slot, torch::Tensor block_visibility,
                            torch::Tensor block_rows);

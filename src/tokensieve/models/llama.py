@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .quantized import MAX_KERNEL_ROWS, QuantizedWeight
+from .int8_weight import Int8Weight
+from .quantized import QuantizedWeight
 from .rope import RotaryEmbedding, apply_rotary
 
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,19 +38,19 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, given its weights' GGUF blocks and a kernel, uses them for a few rows at a time."""
+    """nn.Linear that, given its weights' GGUF blocks and the native kernels, multiplies the blocks:
+    with float32 activations for a few rows at a time, with int8 activations for any number."""
 
-    quantized: QuantizedWeight | None = None
-    kernel = None  # the native quantized_matmul, set by the loader
+    native: QuantizedWeight | Int8Weight | None = None  # set by the loader, with the kernels
+    kernels = None
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        return self.kernel is not None and x.shape[0] <= MAX_KERNEL_ROWS and x.dtype == torch.float32
+        return self.native is not None and x.shape[0] <= self.native.max_rows and x.dtype == torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x):
             return F.linear(x, self.weight, self.bias)
-        q = self.quantized
-        out = self.kernel(x, q.blocks, q.scales, q.mins, q.kind)
+        out = self.native.matmul(x, self.kernels)
         return out if self.bias is None else out + self.bias
 
 

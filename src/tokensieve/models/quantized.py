@@ -22,6 +22,7 @@ class QuantizedWeight:
     blocks: torch.Tensor  # uint8 [out_features, in_features / 32 * bytes of quants per block]
     scales: torch.Tensor  # float32 [out_features, in_features / 32]
     mins: torch.Tensor  # float32 [out_features, in_features / 32] (Q4_1), else empty
+    max_rows = MAX_KERNEL_ROWS
 
     @classmethod
     def from_gguf(cls, raw: np.ndarray, type_name: str, row_order: np.ndarray | None = None) -> "QuantizedWeight":
@@ -46,3 +47,6 @@ class QuantizedWeight:
         return QuantizedWeight(
             parts[0].kind, torch.cat([p.blocks for p in parts]), torch.cat([p.scales for p in parts]), mins
         )
+
+    def matmul(self, x: torch.Tensor, kernels) -> torch.Tensor:
+        return kernels.quantized_matmul(x, self.blocks, self.scales, self.mins, self.kind)

@@ -11,6 +11,7 @@ from ..cache import cache_root
 from ..errors import ModelLoadError
 from ..models.config import ModelConfig
 from ..models.llama import LlamaModel
+from ..models.int8_weight import Int8Weight
 from ..models.quantized import QuantizedWeight
 from .gguf_file import read_gguf
 from .hf_folder import read_hf_folder
@@ -78,9 +79,15 @@ def _fused_quantized(cfg: ModelConfig, quantized: dict[str, QuantizedWeight]) ->
     return fused
 
 
-def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", kernels=None) -> LlamaModel:
+def load_model(
+    model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", kernels=None, activations: str = "float32"
+) -> LlamaModel:
     """Load the weights. Given the native `kernels`, linears whose GGUF blocks are Q4_0/Q4_1/Q8_0
-    also keep those blocks and multiply them natively when few rows are processed (float32, CPU)."""
+    also keep those blocks and multiply them natively: float32 activations when few rows are
+    processed, or (activations "int8") int8 activations for every forward (float32, CPU)."""
+    if activations == "int8" and kernels is None:
+        raise ModelLoadError("activations='int8' needs the native kernels, which are not available here (see the "
+                             "warning above; TOKENSIEVE_NO_KERNELS must be unset and a C++ compiler present)")
     path = resolve_model_path(model)
     quantized: dict[str, QuantizedWeight] = {}
     if path.is_dir():
@@ -99,10 +106,15 @@ def load_model(model: str | Path, dtype: torch.dtype = torch.float32, device: st
     if cfg.tie_word_embeddings:
         net.lm_head.weight = net.embed_tokens.weight
     net = net.to(device=device, dtype=dtype).eval()
-    if kernels is not None:
-        for module_name, weight in _fused_quantized(cfg, quantized).items():
-            linear = net.get_submodule(module_name)
-            linear.quantized, linear.kernel = weight, kernels.quantized_matmul
+    if kernels is None:
+        return net
+    native = _fused_quantized(cfg, quantized)
+    if activations == "int8" and not native:
+        raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
+    for module_name, weight in native.items():
+        linear = net.get_submodule(module_name)
+        linear.native = Int8Weight.pack(weight) if activations == "int8" else weight
+        linear.kernels = kernels
     return net
 
 
