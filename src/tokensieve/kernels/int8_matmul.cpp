@@ -103,7 +103,12 @@ inline void group_tile(const Int8Rows& x, int64_t row0, int64_t K, const uint8_t
       const int64_t i = (row0 + r) * nb + b;
       const AliasedInt32* q = reinterpret_cast<const AliasedInt32*>(x.values.data() + i * kBlock);
       __m512i dot = _mm512_setzero_si512();
-      for (int j = 0; j < 8; ++j) dot = _mm512_dpbusd_epi32(dot, v[j], _mm512_set1_epi32(q[j]));
+      __m512i odd = _mm512_setzero_si512();
+      for (int j = 0; j < 8; j += 2) {
+        dot = _mm512_dpbusd_epi32(dot, v[j], _mm512_set1_epi32(q[j]));
+        odd = _mm512_dpbusd_epi32(odd, v[j + 1], _mm512_set1_epi32(q[j + 1]));
+      }
+      dot = _mm512_add_epi32(dot, odd);
       if constexpr (KIND != Q4_1) dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(x.zero_terms[i]));
       const __m512 scale = _mm512_mul_ps(weight_scales, _mm512_set1_ps(x.scales[i]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
