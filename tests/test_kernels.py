@@ -50,6 +50,11 @@ def test_quantized_matmul_uses_exactly_the_gguf_weights(kernels, type_name):
     assert torch.equal(run(x[:13]), out[:13])  # two passes, of 6 and 7 rows
 
 
+def dim_major(pool: torch.Tensor) -> torch.Tensor:
+    """Blocks of [entries, dim] as the key pool lays them: [dim, entries]."""
+    return pool.transpose(1, 2).contiguous()
+
+
 def test_row_order_permutes_blocks(kernels):
     raw = random_gguf_tensor("Q8_0", 8, 64, seed=3)
     order = np.array([3, 1, 0, 2, 7, 6, 5, 4])
@@ -74,7 +79,7 @@ def test_paged_decode_attention_matches_gather_and_softmax(kernels):
     lengths = torch.tensor([[5, 1], [8, 12], [3, 9]])  # ragged: every (sequence, head) has its own length
     tables = torch.randperm(64, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
     q = torch.randn(batch, kv_heads * group, dim, generator=gen)  # [rows, heads, dim]
-    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, one_slot_each(batch), EMPTY, EMPTY)
+    scores = kernels.paged_scores(q, dim_major(pool_k), tables, lengths, dim**-0.5, one_slot_each(batch), EMPTY, EMPTY)
     out = kernels.paged_softmax_values(scores, pool_v, tables, lengths, one_slot_each(batch), EMPTY, batch)
     for b in range(batch):
         for h in range(kv_heads):
@@ -98,11 +103,11 @@ def test_paged_attention_of_a_query_does_not_depend_on_the_others_in_its_group(k
     tables = torch.randperm(16, generator=gen)[: kv_heads * 4].view(1, kv_heads, 4)
     q = torch.randn(1, kv_heads * group, dim, generator=gen)
     row = one_slot_each(1)
-    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
+    scores = kernels.paged_scores(q, dim_major(pool_k), tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
     out = kernels.paged_softmax_values(scores, pool_v, tables, lengths, row, EMPTY, 1).view(1, kv_heads, group, dim)
     for g in range(group):
         alone_q = q.view(1, kv_heads, group, dim)[:, :, g]  # one query head per KV head, strided in q
-        alone = kernels.paged_scores(alone_q, pool_k, tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
+        alone = kernels.paged_scores(alone_q, dim_major(pool_k), tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
         assert torch.equal(alone[:, :, 0], scores[:, :, g])
         values = kernels.paged_softmax_values(scores[:, :, g : g + 1].contiguous(), pool_v, tables, lengths, row, EMPTY, 1)
         assert torch.equal(values, out[:, :, g])
@@ -123,7 +128,7 @@ def test_paged_attention_of_a_query_does_not_depend_on_padding_or_on_hidden_entr
         keys, values = torch.zeros(width * block_size, dim), torch.zeros(width * block_size, dim)
         keys[: len(order)], values[: len(order)] = pool_k.view(-1, dim)[order], pool_v.view(-1, dim)[order]
         tables, lengths = torch.arange(width).view(1, 1, width), torch.tensor([[len(order)]])
-        scores = kernels.paged_scores(q, keys.view(width, block_size, dim), tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
+        scores = kernels.paged_scores(q, dim_major(keys.view(width, block_size, dim)), tables, lengths, dim**-0.5, row, EMPTY, EMPTY)
         scores[..., hidden] = float("-inf")
         return kernels.paged_softmax_values(scores, values.view(width, block_size, dim), tables, lengths, row, EMPTY, 1)
 
@@ -151,7 +156,7 @@ def test_draft_tree_slots_read_and_write_their_rows_and_hide_the_block_entries_t
         [[1, 0, 0], [1, 1, 0], [1, 1, 1]],  # a chain of two rows, padded to three slots
     ], dtype=torch.bool)
     rows = torch.tensor([3, 2])
-    scores = kernels.paged_scores(q, pool_k, tables, lengths, dim**-0.5, row_of_slot, visibility, rows)
+    scores = kernels.paged_scores(q, dim_major(pool_k), tables, lengths, dim**-0.5, row_of_slot, visibility, rows)
     out = kernels.paged_softmax_values(scores, pool_v, tables, lengths, row_of_slot, rows, 5)
     for b in range(batch):
         for h in range(kv_heads):

@@ -124,8 +124,8 @@ def filled_sequence(num_layers=2, num_heads=3, num_tokens=11, block_size=4):
     slots = torch.from_numpy(seq.block_table.append_slots(num_tokens))  # [layers, tokens, heads]
     positions = torch.arange(num_tokens).view(1, -1, 1).expand_as(slots)
     pool.positions.view(-1)[slots] = positions
-    for storage in (pool.keys, pool.values):
-        storage.view(-1, 2)[slots] = positions.unsqueeze(-1).float().expand(*slots.shape, 2)
+    stored = positions.reshape(-1, 1).float().expand(-1, 2)
+    pool.store(slots.reshape(-1), stored, stored)
     seq.num_processed = num_tokens
     return seq, pool, manager
 
@@ -134,7 +134,7 @@ def stored_positions(seq, pool, layer, head):
     table = seq.block_table
     entries = range(table.lengths[layer, head])
     slots = [table.blocks[layer, head, e // table.block_size] * table.block_size + e % table.block_size for e in entries]
-    keys = pool.keys.view(-1, 2)[slots][:, 0].long().tolist()
+    keys = pool.entry_major("keys").reshape(-1, 2)[slots][:, 0].long().tolist()
     assert keys == pool.values.view(-1, 2)[slots][:, 1].long().tolist()
     assert keys == pool.positions.view(-1)[slots].tolist()  # keys, values and positions moved together
     return keys

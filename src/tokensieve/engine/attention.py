@@ -107,8 +107,7 @@ class PagedAttention:
         """q [tokens, heads, dim], k and v [tokens, kv_heads, dim] -> [tokens, heads, dim]."""
         slots = self.write_slots[layer]
         head_dim = k.shape[-1]
-        self.pool.keys.view(-1, head_dim)[slots] = k
-        self.pool.values.view(-1, head_dim)[slots] = v
+        self.pool.store(slots.reshape(-1), k.reshape(-1, head_dim), v.reshape(-1, head_dim))
         if self.decode is not None and not self.prefills:
             return self._attend_decode(layer, q)
         out = torch.empty_like(q)
@@ -126,10 +125,10 @@ class PagedAttention:
         """Keys and values [..., entries, dim] of the given blocks, copied into reused buffers
         (a fresh multi-megabyte tensor per layer costs more in page faults than the copy itself)."""
         ids = block_tables.flatten()
-        block_shape = self.pool.keys.shape[1:]
+        block_shape = (self.pool.block_size, self.pool.head_dim)
         shape = block_tables.shape[:-1] + (-1, block_shape[-1])
         return tuple(
-            torch.index_select(getattr(self.pool, name), 0, ids, out=self._buffer(name, (len(ids),) + block_shape)).view(shape)
+            torch.index_select(self.pool.entry_major(name), 0, ids, out=self._buffer(name, (len(ids),) + block_shape)).view(shape)
             for name in names
         )
 

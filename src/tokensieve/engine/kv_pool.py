@@ -16,18 +16,34 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 
 class KVPool:
-    """Storage of `num_blocks` blocks, each `block_size` entries of one (layer, KV head)."""
+    """Storage of `num_blocks` blocks, each `block_size` entries of one (layer, KV head).
+
+    A flat slot is block * block_size + entry. Values lie entry-major ([blocks, block_size, dim]);
+    keys lie dimension-major ([blocks, dim, block_size]: dim d of every entry of a block side by side),
+    so the decode kernel scores a run of entries with one vector multiply-add per dim.
+    """
 
     def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
-        self.keys = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
+        self.keys = _lazy_zeros((num_blocks, head_dim, block_size), dtype, device)
         self.values = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
         self.positions = _lazy_zeros((num_blocks, block_size), torch.int64, device)
 
+    def entry_major(self, name: str) -> torch.Tensor:
+        """keys or values as [blocks, block_size, dim] (the keys as a strided view)."""
+        return self.keys.transpose(1, 2) if name == "keys" else self.values
+
+    def store(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write keys and values [n, dim] at flat slots [n]."""
+        self.keys[slots // self.block_size, :, slots % self.block_size] = keys
+        self.values.view(-1, self.head_dim)[slots] = values
+
     def move(self, source: torch.Tensor, destination: torch.Tensor) -> None:
         """Copy the entries at flat slots `source` to `destination` (keys, values and positions)."""
-        for storage in (self.keys, self.values, self.positions):
-            flat = storage.view(self.num_blocks * self.block_size, -1)
+        size = self.block_size
+        self.keys[destination // size, :, destination % size] = self.keys[source // size, :, source % size]
+        for storage in (self.values, self.positions):
+            flat = storage.view(self.num_blocks * size, -1)
             flat[destination] = flat[source]
 
     @property

@@ -3,8 +3,9 @@
 // Each (sequence, KV head) has its own block list and length. paged_scores computes, for the G query
 // heads sharing that KV head, q . k * scale for every stored entry (-inf past the length);
 // paged_softmax_values sums exp(s - max) * v and exp(s - max) entry after entry, then divides. No
-// copy of the cache is made. Scores are taken 16 entries at a time (one horizontal sum for all 16),
-// and value vectors are loaded once for several queries.
+// copy of the cache is made. A block's keys lie dimension-major ([dim, block_size]: dim d of every
+// entry side by side), so 16 entries' scores are one vector, built by one multiply-add per dim with
+// each key vector loaded once for 8 queries; value vectors are loaded once for several queries.
 //
 // A query's result never depends on the other queries in the call, nor on how many padding or hidden
 // (-inf) entries lie among its entries: a hidden entry weighs exactly 0 and adds exactly nothing to
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -50,61 +52,59 @@ bool with_vectors([[maybe_unused]] int64_t dim, [[maybe_unused]] F&& f) {
 // Queries one vectorized weighted-sum pass carries: V vectors of sums each, 24 registers in all.
 constexpr int queries_per_pass(int V) { return 24 / V; }
 
-#if defined(__AVX512F__)
-// One vector whose lane e is the sum of the lanes of acc[e]: halves, then quarters, then pairs are
-// added, in a tree that is the same for every lane, so an entry's dot does not depend on its neighbours.
-inline __m512 sum_lanes_of_16(const __m512 (&acc)[16]) {
-  __m512 halves[8], quarters[4], pairs[2];
-  for (int j = 0; j < 8; ++j)  // lanes 0-7: entry 2j, lanes 8-15: entry 2j+1
-    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * j], acc[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                              _mm512_shuffle_f32x4(acc[2 * j], acc[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int j = 0; j < 4; ++j)  // 128-bit lane k: entry 4j+k
-    quarters[j] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_f32x4(halves[2 * j], halves[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int j = 0; j < 2; ++j)  // 128-bit lane k: entries 8j+k (two partials), then 8j+4+k
-    pairs[j] = _mm512_add_ps(_mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(quarters[2 * j], quarters[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_ps(pairs[0], pairs[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  // lane 4k+m holds entry 4m+k
-  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), sums);
-}
-
-// out[e] = (query . keys[e]) * scale for n <= 16 entries lying one after another, dim = 16 V.
-template <int V>
-void dots(const float* query, const float* keys, int64_t n, float scale, float* out) {
-  __m512 q[V], acc[16];
-  for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(query + 16 * v);
-  for (int e = 0; e < 16; ++e) acc[e] = _mm512_setzero_ps();
-  for (int64_t e = 0; e < n; ++e)
-    for (int v = 0; v < V; ++v) acc[e] = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(keys + e * 16 * V + 16 * v), acc[e]);
-  const __mmask16 first_n = static_cast<__mmask16>((1u << n) - 1);
-  _mm512_mask_storeu_ps(out, first_n, _mm512_mul_ps(sum_lanes_of_16(acc), _mm512_set1_ps(scale)));
-}
-#endif
-
-inline void dots_any(const float* query, const float* keys, int64_t n, int64_t dim, float scale, float* out) {
-#if defined(__AVX512F__)
-  if (with_vectors(dim, [&](auto v) { dots<decltype(v)::value>(query, keys, n, scale, out); })) return;
-#endif
-  for (int64_t e = 0; e < n; ++e) {
-    float sum = 0.f;
-    for (int64_t i = 0; i < dim; ++i) sum += query[i] * keys[e * dim + i];
-    out[e] = sum * scale;
-  }
-}
-
-// f(first, n, rows) for runs of n <= 16 entries of one (sequence, KV head) from `first` to `end`, rows
-// pointing at the run's first vector in the pool: entries lie one after another within a block.
+// f(first, n, entry) for runs of n <= 16 entries of one (sequence, KV head) from `first` to `end`
+// that lie in one block, entry pointing at the run's first entry in the pool: the next entry lies
+// `dim` floats on (values: entry-major blocks) or 1 float on (keys: dimension-major blocks).
 template <typename F>
-inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block_size, int64_t dim, int64_t first,
-                         int64_t end, F&& f) {
+inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block_size, int64_t dim, int64_t entry_stride,
+                         int64_t first, int64_t end, F&& f) {
   constexpr int64_t kMaxRun = 16;
   for (int64_t i = first; i < end;) {
     const int64_t in_block = i % block_size, n = std::min({end - i, block_size - in_block, kMaxRun});
-    f(i, n, pool + (blocks[i / block_size] * block_size + in_block) * dim);
+    f(i, n, pool + blocks[i / block_size] * block_size * dim + in_block * entry_stride);
     i += n;
   }
+}
+
+// out[i][0..n) = (query i . key e) * scale for the n <= 16 entries of a run of dimension-major keys
+// (dim d of entry e at keys[d * block_size + e]), for Q queries: one chain of multiply-adds over
+// d = 0, 1, ... per score, so a score does not depend on the other queries or entries.
+template <int Q>
+inline void run_scores(const float* const* queries, const float* keys, int64_t block_size, int64_t dim, int64_t n,
+                       float scale, float* const* out) {
+#if defined(__AVX512F__)
+  const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
+  __m512 acc[Q];
+  for (int i = 0; i < Q; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; ++d) {
+    const __m512 key = _mm512_maskz_loadu_ps(lanes, keys + d * block_size);
+    for (int i = 0; i < Q; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(queries[i][d]), key, acc[i]);
+  }
+  for (int i = 0; i < Q; ++i) _mm512_mask_storeu_ps(out[i], lanes, _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
+#else
+  for (int i = 0; i < Q; ++i)
+    for (int64_t e = 0; e < n; ++e) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < dim; ++d) acc = std::fma(queries[i][d], keys[d * block_size + e], acc);
+      out[i][e] = acc * scale;
+    }
+#endif
+}
+
+// The same for exactly nq <= Q queries, their number chosen at compile time.
+template <int Q>
+inline void run_scores_of(int64_t nq, const float* const* queries, const float* keys, int64_t block_size, int64_t dim,
+                          int64_t n, float scale, float* const* out) {
+  if constexpr (Q > 1)
+    if (nq < Q) return run_scores_of<Q - 1>(nq, queries, keys, block_size, dim, n, scale, out);
+  run_scores<Q>(queries, keys, block_size, dim, n, scale, out);
+}
+
+// The same for any number of queries, 8 at a time (each key vector is loaded once per 8).
+inline void run_scores_any(const float* const* queries, int64_t nq, const float* keys, int64_t block_size, int64_t dim,
+                           int64_t n, float scale, float* const* out) {
+  for (int64_t i = 0; i < nq; i += 8)
+    run_scores_of<8>(std::min<int64_t>(8, nq - i), queries + i, keys, block_size, dim, n, scale, out + i);
 }
 
 #if defined(__AVX512F__)
@@ -147,33 +147,38 @@ void row_maxima(const float* s, int64_t s_stride, int64_t nq, int64_t length, fl
 // for nq <= queries_per_pass(V) queries at once (dim = 16 V), their sums in registers: each value
 // vector is loaded once for all of them. A query's sums do not depend on the others in the pass.
 #if defined(__AVX512F__)
-template <int V>
-void weighted_sums(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
+template <int V, int Q>
+void weighted_sums(const float* s, int64_t s_stride, const float* top, const float* values, const int64_t* blocks,
                    int64_t length, int64_t block_size, float* const* out) {
-  constexpr int Q = queries_per_pass(V);
   __m512 sum[Q][V];
   float total[Q] = {};
   alignas(64) float w[Q][16];
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < V; ++v) sum[q][v] = _mm512_setzero_ps();
-  for_each_run(values, blocks, block_size, 16 * V, 0, length, [&](int64_t first, int64_t n, const float* rows) {
-    for (int q = 0; q < Q; ++q) {
-      if (q >= nq) break;
+  for_each_run(values, blocks, block_size, 16 * V, 16 * V, 0, length, [&](int64_t first, int64_t n, const float* rows) {
+    for (int q = 0; q < Q; ++q)
       _mm512_store_ps(w[q], exp_lanes(_mm512_sub_ps(load_scores(s + q * s_stride + first, n), _mm512_set1_ps(top[q]))));
-    }
     for (int64_t e = 0; e < n; ++e) {
       __m512 value[V];
       for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(rows + e * 16 * V + 16 * v);
       for (int q = 0; q < Q; ++q) {
-        if (q >= nq) break;
         total[q] += w[q][e];
         const __m512 weight = _mm512_set1_ps(w[q][e]);
         for (int v = 0; v < V; ++v) sum[q][v] = _mm512_fmadd_ps(weight, value[v], sum[q][v]);
       }
     }
   });
-  for (int q = 0; q < nq; ++q)
+  for (int q = 0; q < Q; ++q)
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(out[q] + v * 16, _mm512_div_ps(sum[q][v], _mm512_set1_ps(total[q])));
+}
+
+// The pass of exactly nq <= Q queries, their number chosen at compile time (so the sums stay in registers).
+template <int V, int Q = queries_per_pass(V)>
+void weighted_sums_of(int64_t nq, const float* s, int64_t s_stride, const float* top, const float* values,
+                      const int64_t* blocks, int64_t length, int64_t block_size, float* const* out) {
+  if constexpr (Q > 1)
+    if (nq < Q) return weighted_sums_of<V, Q - 1>(nq, s, s_stride, top, values, blocks, length, block_size, out);
+  weighted_sums<V, Q>(s, s_stride, top, values, blocks, length, block_size, out);
 }
 #endif
 
@@ -183,7 +188,7 @@ void weighted_sums_scalar(const float* s, int64_t s_stride, const float* top, in
   for (int64_t q = 0; q < nq; ++q) {
     float total = 0.f;
     std::fill(out[q], out[q] + dim, 0.f);
-    for_each_run(values, blocks, block_size, dim, 0, length, [&](int64_t first, int64_t n, const float* rows) {
+    for_each_run(values, blocks, block_size, dim, dim, 0, length, [&](int64_t first, int64_t n, const float* rows) {
       for (int64_t e = 0; e < n; ++e) {
         const float w = std::exp(s[q * s_stride + first + e] - top[q]);
         total += w;
@@ -197,7 +202,7 @@ void weighted_sums_scalar(const float* s, int64_t s_stride, const float* top, in
 void weighted_sums_any(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
                        int64_t length, int64_t block_size, int64_t dim, float* const* out) {
 #if defined(__AVX512F__)
-  if (with_vectors(dim, [&](auto v) { weighted_sums<decltype(v)::value>(s, s_stride, top, nq, values, blocks, length, block_size, out); }))
+  if (with_vectors(dim, [&](auto v) { weighted_sums_of<decltype(v)::value>(nq, s, s_stride, top, values, blocks, length, block_size, out); }))
     return;
 #endif
   weighted_sums_scalar(s, s_stride, top, nq, values, blocks, length, block_size, dim, out);
@@ -208,9 +213,11 @@ struct Layout {
   int64_t group() const { return slots * heads_per_slot; }  // query heads per (sequence, KV head)
 };
 
-Layout check(int64_t heads, const torch::Tensor& pool, const torch::Tensor& block_tables, const torch::Tensor& lengths,
-             const torch::Tensor& row_of_slot) {
-  TORCH_CHECK(pool.scalar_type() == torch::kFloat32 && pool.is_contiguous() && pool.dim() == 3, "pool must be float32 [blocks, block_size, dim]");
+// pool: values [blocks, block_size, dim], or keys [blocks, dim, block_size] (dim_major).
+Layout check(int64_t heads, const torch::Tensor& pool, bool dim_major, const torch::Tensor& block_tables,
+             const torch::Tensor& lengths, const torch::Tensor& row_of_slot) {
+  TORCH_CHECK(pool.scalar_type() == torch::kFloat32 && pool.is_contiguous() && pool.dim() == 3,
+              dim_major ? "the key pool must be float32 [blocks, dim, block_size]" : "the value pool must be float32 [blocks, block_size, dim]");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() && block_tables.dim() == 3,
               "block_tables must be contiguous int64 [batch, kv_heads, blocks]");
   TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.is_contiguous() && lengths.numel() == block_tables.size(0) * block_tables.size(1),
@@ -220,7 +227,8 @@ Layout check(int64_t heads, const torch::Tensor& pool, const torch::Tensor& bloc
               "row_of_slot must be contiguous int64 [batch, slots]");
   const int64_t kv_heads = block_tables.size(1);
   TORCH_CHECK(heads % kv_heads == 0, "query heads must be a multiple of KV heads");
-  return {block_tables.size(0), kv_heads, heads / kv_heads, row_of_slot.size(1), pool.size(2), pool.size(1), block_tables.size(2)};
+  const int64_t dim = pool.size(dim_major ? 1 : 2), block_size = pool.size(dim_major ? 2 : 1);
+  return {block_tables.size(0), kv_heads, heads / kv_heads, row_of_slot.size(1), dim, block_size, block_tables.size(2)};
 }
 
 // Real slots of each sequence (the rest pad): block_rows, or one each when no sequence verifies a draft.
@@ -239,7 +247,7 @@ const int64_t* real_slots(const Layout& L, const torch::Tensor& block_rows) {
 torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tensor block_tables, torch::Tensor lengths,
                            double scale, torch::Tensor row_of_slot, torch::Tensor block_visibility, torch::Tensor block_rows) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.stride(2) == 1, "q must be float32 [rows, heads, dim] with unit stride in dim");
-  const Layout L = check(q.size(1), key_pool, block_tables, lengths, row_of_slot);
+  const Layout L = check(q.size(1), key_pool, true, block_tables, lengths, row_of_slot);
   TORCH_CHECK(q.size(2) == L.dim, "q and the key pool differ in head dim");
   const bool has_blocks = block_visibility.numel() > 0;
   const int64_t* rows = has_blocks ? real_slots(L, block_rows) : nullptr;
@@ -266,6 +274,8 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
   constexpr int64_t kEntriesPerUnit = 256;
   const int64_t runs = (max_entries + kEntriesPerUnit - 1) / kEntriesPerUnit;
   at::parallel_for(0, L.batch * L.kv_heads * runs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> queries(group);
+    std::vector<float*> outs(group);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t item = unit / runs, first = (unit % runs) * kEntriesPerUnit;
       const int64_t last = std::min(first + kEntriesPerUnit, max_entries);
@@ -276,15 +286,16 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
       const int64_t stored_end = std::min(last, length);
       for (int64_t i = stored_end; i < last; ++i)
         for (int64_t g = 0; g < group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
-      for_each_run(kp, blocks, L.block_size, L.dim, first, stored_end, [&](int64_t run_first, int64_t n, const float* keys) {
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t slot = g / L.heads_per_slot;
-          const float* query = qp + row_of[seq * L.slots + slot] * row_stride + (kv_head * L.heads_per_slot + g % L.heads_per_slot) * head_stride;
-          float* scores_of_run = out + g * max_entries + run_first;
-          dots_any(query, keys, n, L.dim, fscale, scores_of_run);
-          const bool* sees = has_blocks ? visibility + (seq * L.slots + slot) * L.slots : nullptr;
-          for (int64_t i = std::max(run_first, block_start); i < run_first + n; ++i)  // the block's entries
-            if (!sees[i - block_start]) scores_of_run[i - run_first] = -std::numeric_limits<float>::infinity();
+      for (int64_t g = 0; g < group; ++g)
+        queries[g] = qp + row_of[seq * L.slots + g / L.heads_per_slot] * row_stride +
+                     (kv_head * L.heads_per_slot + g % L.heads_per_slot) * head_stride;
+      for_each_run(kp, blocks, L.block_size, L.dim, 1, first, stored_end, [&](int64_t run_first, int64_t n, const float* keys) {
+        for (int64_t g = 0; g < group; ++g) outs[g] = out + g * max_entries + run_first;
+        run_scores_any(queries.data(), group, keys, L.block_size, L.dim, n, fscale, outs.data());
+        for (int64_t g = 0; g < group && run_first + n > block_start; ++g) {  // hide the draft block's unseen entries
+          const bool* sees = visibility + (seq * L.slots + g / L.heads_per_slot) * L.slots;
+          for (int64_t i = std::max(run_first, block_start); i < run_first + n; ++i)
+            if (!sees[i - block_start]) outs[g][i - run_first] = -std::numeric_limits<float>::infinity();
         }
       });
     }
@@ -296,7 +307,8 @@ torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_poo
                                    torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows, int64_t num_rows) {
   TORCH_CHECK(scores.dim() == 4 && scores.scalar_type() == torch::kFloat32 && scores.is_contiguous(),
               "scores must be a contiguous float32 [batch, kv_heads, slots * heads per slot, entries] tensor");
-  const Layout L = check(scores.size(2) / row_of_slot.size(1) * block_tables.size(1), value_pool, block_tables, lengths, row_of_slot);
+  const Layout L = check(scores.size(2) / row_of_slot.size(1) * block_tables.size(1), value_pool, false, block_tables,
+                         lengths, row_of_slot);
   const int64_t group = L.group(), max_entries = scores.size(3);
   TORCH_CHECK(scores.size(0) == L.batch && scores.size(1) == L.kv_heads && scores.size(2) == group, "scores do not match the block tables");
   const int64_t* rows = real_slots(L, block_rows);
