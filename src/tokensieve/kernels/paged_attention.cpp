@@ -144,7 +144,7 @@ void row_maxima(const float* s, int64_t s_stride, int64_t nq, int64_t length, fl
 
 // out[q][0..dim) = softmax-weighted sum over the first `length` entries: w = exp(s[q][i] - top[q])
 // times value(i), summed entry after entry and divided by the sum of w (also entry after entry),
-// for nq <= queries_per_pass(V) queries at once (dim = 16 V), their sums in registers: each value
+// for Q <= queries_per_pass(V) queries at once (dim = 16 V), their sums in registers: each value
 // vector is loaded once for all of them. A query's sums do not depend on the others in the pass.
 #if defined(__AVX512F__)
 template <int V, int Q>

@@ -25,7 +25,7 @@ LANES = 16
 
 
 def _grouped(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """[N, ...] -> [groups, 16, ...], the missing output rows zero."""
+    """[N, ...] -> [groups, 16, ...], the missing output rows zero (with scale 0 they add nothing)."""
     padding = [0, 0] * (t.dim() - 1) + [0, rows - t.shape[0]]
     return F.pad(t, padding).reshape(rows // LANES, LANES, *t.shape[1:])
 
@@ -44,10 +44,8 @@ class Int8Weight:
         n, num_blocks = weight.scales.shape
         rows = -(-n // LANES) * LANES
         quants = weight.blocks.reshape(n, num_blocks, -1)  # [N, blocks, 32 bytes or 16 nibble pairs]
-        if weight.kind == 2:
+        if weight.kind == 2:  # Q8_0: int8 weights, stored plus 128
             quants = (quants.view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-        if rows > n and weight.kind == 2:  # a missing row's weights are 0, i.e. 128 stored
-            quants = torch.cat([quants, torch.full((rows - n, *quants.shape[1:]), 128, dtype=torch.uint8)])
         # [groups, 16 outputs, blocks, vectors, 4 bytes] -> [groups, blocks, vectors, 16 outputs, 4 bytes]
         grouped = _grouped(quants, rows).reshape(rows // LANES, LANES, num_blocks, -1, 4)
         packed = grouped.permute(0, 2, 3, 1, 4).reshape(rows // LANES, num_blocks, -1).contiguous()
