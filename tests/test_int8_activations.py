@@ -14,7 +14,7 @@ from tokensieve.weights import load_model
 
 from conftest import assert_pool_empty
 from test_kernels import kernels, random_gguf_tensor  # noqa: F401 (the fixture)
-from test_speculative import spec_bench_prompts
+from test_speculative import prompts  # noqa: F401 (the fixture: four Spec-Bench prompts)
 
 
 def int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -54,12 +54,7 @@ def int8_llm():
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    return spec_bench_prompts(["summarization", "rag", "coding", "writing"])
-
-
-@pytest.fixture(scope="module")
-def int8_plain(int8_llm, prompts):
+def int8_plain(int8_llm, prompts):  # noqa: F811
     params = SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)
     return [out.token_ids for out in int8_llm.generate(prompts, params)]
 
