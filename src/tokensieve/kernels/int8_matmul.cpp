@@ -10,7 +10,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -87,7 +86,7 @@ inline void load_weights(const uint8_t* w, __m512i* v) {
 
 // R rows by the 16 outputs of one group, their accumulators in registers.
 template <int KIND, int R>
-inline void group_tile(const Int8Rows& x, int64_t row0, int64_t K, const uint8_t* w, const float* dw,
+inline void group_tile(const Int8Rows& x, int64_t row0, const uint8_t* w, const float* dw,
                        const float* mw, float* out, int64_t N, __mmask16 lanes) {
   const int64_t nb = x.num_blocks;
   __m512 acc[R];
@@ -121,11 +120,11 @@ inline void group_tile(const Int8Rows& x, int64_t row0, int64_t K, const uint8_t
 
 // The tile of exactly `rows` rows (1..R), its size chosen at compile time.
 template <int KIND, int R>
-inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, int64_t K, const uint8_t* w, const float* dw,
+inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t* w, const float* dw,
                     const float* mw, float* out, int64_t N, int valid) {
   if constexpr (R > 1)
-    if (rows < R) return tile_of<KIND, R - 1>(rows, x, row0, K, w, dw, mw, out, N, valid);
-  group_tile<KIND, R>(x, row0, K, w, dw, mw, out, N, static_cast<__mmask16>((1u << valid) - 1));
+    if (rows < R) return tile_of<KIND, R - 1>(rows, x, row0, w, dw, mw, out, N, valid);
+  group_tile<KIND, R>(x, row0, w, dw, mw, out, N, static_cast<__mmask16>((1u << valid) - 1));
 }
 
 #else  // portable: the same integer dots and the same float operations, one output at a time
@@ -139,7 +138,7 @@ inline int32_t weight_at(const uint8_t* w, int c, int k) {
 }
 
 template <int KIND, int R>
-inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, int64_t K, const uint8_t* w, const float* dw,
+inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t* w, const float* dw,
                     const float* mw, float* out, int64_t N, int valid) {
   const int64_t nb = x.num_blocks;
   for (int64_t r = row0; r < row0 + rows; ++r)
@@ -163,7 +162,7 @@ inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, int64_t K, co
 // Every row by groups [g_begin, g_end): the rows in as few passes of equal size as the registers
 // allow, each over the group's weights (which stay in L1 between passes).
 template <int KIND>
-void groups(const Int8Rows& x, int64_t M, int64_t K, const uint8_t* packed, const float* scales, const float* mins,
+void groups(const Int8Rows& x, int64_t M, const uint8_t* packed, const float* scales, const float* mins,
             float* out, int64_t N, int64_t g_begin, int64_t g_end) {
   const int64_t nb = x.num_blocks, passes = (M + kMostRows - 1) / kMostRows;
   for (int64_t g = g_begin; g < g_end; ++g) {
@@ -173,7 +172,7 @@ void groups(const Int8Rows& x, int64_t M, int64_t K, const uint8_t* packed, cons
     const int valid = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
     for (int64_t r = 0, pass = 0; pass < passes; ++pass) {
       const int64_t rows = (M - r) / (passes - pass);
-      tile_of<KIND, kMostRows>(rows, x, r, K, w, dw, mw, out + g * kLanes, N, valid);
+      tile_of<KIND, kMostRows>(rows, x, r, w, dw, mw, out + g * kLanes, N, valid);
       r += rows;
     }
   }
@@ -199,9 +198,9 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   const float* mp = kind == Q4_1 ? mins.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, num_groups, 4, [&](int64_t begin, int64_t end) {
-    if (kind == Q4_0) groups<Q4_0>(rows, M, K, pp, sp, mp, op, N, begin, end);
-    else if (kind == Q4_1) groups<Q4_1>(rows, M, K, pp, sp, mp, op, N, begin, end);
-    else groups<Q8_0>(rows, M, K, pp, sp, mp, op, N, begin, end);
+    if (kind == Q4_0) groups<Q4_0>(rows, M, pp, sp, mp, op, N, begin, end);
+    else if (kind == Q4_1) groups<Q4_1>(rows, M, pp, sp, mp, op, N, begin, end);
+    else groups<Q8_0>(rows, M, pp, sp, mp, op, N, begin, end);
   });
   return out;
 }

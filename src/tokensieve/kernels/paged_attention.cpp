@@ -49,6 +49,14 @@ bool with_vectors([[maybe_unused]] int64_t dim, [[maybe_unused]] F&& f) {
   return false;
 }
 
+// f(std::integral_constant<int, N>{}) for n = N in 1..Most: a count chosen at compile time.
+template <int Most, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (Most > 1)
+    if (n < Most) return with_count<Most - 1>(n, f);
+  f(std::integral_constant<int, Most>{});
+}
+
 // Queries one vectorized weighted-sum pass carries: V vectors of sums each, 24 registers in all.
 constexpr int queries_per_pass(int V) { return 24 / V; }
 
@@ -91,20 +99,12 @@ inline void run_scores(const float* const* queries, const float* keys, int64_t b
 #endif
 }
 
-// The same for exactly nq <= Q queries, their number chosen at compile time.
-template <int Q>
-inline void run_scores_of(int64_t nq, const float* const* queries, const float* keys, int64_t block_size, int64_t dim,
-                          int64_t n, float scale, float* const* out) {
-  if constexpr (Q > 1)
-    if (nq < Q) return run_scores_of<Q - 1>(nq, queries, keys, block_size, dim, n, scale, out);
-  run_scores<Q>(queries, keys, block_size, dim, n, scale, out);
-}
-
 // The same for any number of queries, 8 at a time (each key vector is loaded once per 8).
 inline void run_scores_any(const float* const* queries, int64_t nq, const float* keys, int64_t block_size, int64_t dim,
                            int64_t n, float scale, float* const* out) {
   for (int64_t i = 0; i < nq; i += 8)
-    run_scores_of<8>(std::min<int64_t>(8, nq - i), queries + i, keys, block_size, dim, n, scale, out + i);
+    with_count<8>(std::min<int64_t>(8, nq - i),
+                  [&](auto q) { run_scores<decltype(q)::value>(queries + i, keys, block_size, dim, n, scale, out + i); });
 }
 
 #if defined(__AVX512F__)
@@ -172,14 +172,6 @@ void weighted_sums(const float* s, int64_t s_stride, const float* top, const flo
     for (int v = 0; v < V; ++v) _mm512_storeu_ps(out[q] + v * 16, _mm512_div_ps(sum[q][v], _mm512_set1_ps(total[q])));
 }
 
-// The pass of exactly nq <= Q queries, their number chosen at compile time (so the sums stay in registers).
-template <int V, int Q = queries_per_pass(V)>
-void weighted_sums_of(int64_t nq, const float* s, int64_t s_stride, const float* top, const float* values,
-                      const int64_t* blocks, int64_t length, int64_t block_size, float* const* out) {
-  if constexpr (Q > 1)
-    if (nq < Q) return weighted_sums_of<V, Q - 1>(nq, s, s_stride, top, values, blocks, length, block_size, out);
-  weighted_sums<V, Q>(s, s_stride, top, values, blocks, length, block_size, out);
-}
 #endif
 
 // The same for any dim, one query at a time, without vectors.
@@ -202,7 +194,13 @@ void weighted_sums_scalar(const float* s, int64_t s_stride, const float* top, in
 void weighted_sums_any(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
                        int64_t length, int64_t block_size, int64_t dim, float* const* out) {
 #if defined(__AVX512F__)
-  if (with_vectors(dim, [&](auto v) { weighted_sums_of<decltype(v)::value>(nq, s, s_stride, top, values, blocks, length, block_size, out); }))
+  // the pass's query count chosen at compile time, so that its sums stay in registers
+  if (with_vectors(dim, [&](auto v) {
+        constexpr int V = decltype(v)::value;
+        with_count<queries_per_pass(V)>(nq, [&](auto q) {
+          weighted_sums<V, decltype(q)::value>(s, s_stride, top, values, blocks, length, block_size, out);
+        });
+      }))
     return;
 #endif
   weighted_sums_scalar(s, s_stride, top, nq, values, blocks, length, block_size, dim, out);
