@@ -100,7 +100,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
     activations: str = "float32"  # "int8": every row multiplied by Q4_0/Q4_1/Q8_0 blocks is rounded to int8
-    # per 32 entries first (faster, about 0.5% error per matmul; needs the native kernels)
+    # per 32 entries first (faster, 0.1-1.2% error per matmul; needs the native kernels)
     kv_policy: KVPolicyConfig | None = None  # KV-cache eviction (None: keep everything)
     speculative: SpeculativeConfig | None = None  # speculative decoding for every request (None: only
     # for requests whose SamplingParams ask for it, with the default settings)

@@ -3,7 +3,7 @@
 With `activations="int8"` every row entering a quantized linear is rounded to int8 per 32-entry block
 (scale max|x| / 127, as llama.cpp quantizes activations for its Q4/Q8 dot products), and each block's
 dot product with the weights is an exact integer sum. The weights keep their values; what moves is
-the activations, by up to half a step of their block (about 0.5% relative error per matmul).
+the activations, by up to half a step of their block (0.1-1.2% relative error per matmul on the default model, benchmarks/scripts/int8_error.py).
 
 The kernel wants 16 outputs side by side: for every group of 16 output rows and block of 32 inputs,
 vector j (64 bytes) holds in lane c output c's weights 4j .. 4j+3. A Q4 byte keeps GGUF's pairing
