@@ -7,6 +7,7 @@ import torch
 
 from tokensieve.config import SpeculativeConfig
 from tokensieve.engine.block_table import BlockTable
+from tokensieve.engine.sampler import top_tokens
 from tokensieve.sampling_params import SamplingParams
 from tokensieve.speculative.lookahead import LookaheadDrafter
 from tokensieve.speculative.prompt_lookup import PromptLookupDrafter
@@ -105,7 +106,7 @@ def test_token_recycling_fills_its_static_tree_from_learned_successors():
     logits = torch.zeros(2, 20)
     logits[0, [11, 12, 13, 14]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # after token 5
     logits[1, [15, 16, 17, 18]] = torch.tensor([4.0, 3.0, 2.0, 1.0])  # after token 11
-    drafter.learn(torch.tensor([5, 11]), logits)
+    drafter.learn([5, 11], top_tokens(logits, 4).numpy())
     tree = DraftTree(5)
     drafter.propose({}, [5], tree, 3)
     assert sorted(tree.children(0)) == [11, 12, 13, 14]
@@ -124,9 +125,7 @@ def test_lookahead_layout_is_a_set_of_jacobi_columns():
 def test_lookahead_pool_collects_column_ngrams_and_the_window_moves_up():
     drafter = LookaheadDrafter(ngram=3, width=2)
     state = {"window": np.array([[4, 5], [6, 7]]), "pool": {}}
-    logits = torch.zeros(4, 10)
-    logits[2, 8] = logits[3, 9] = 1.0  # the predictions after the top level
-    drafter.learn(state, logits)
+    drafter.learn(state, np.array([0, 0, 8, 9]))  # the greedy token after each row (the top level's count)
     assert list(state["pool"][4]) == [(6, 8)] and list(state["pool"][5]) == [(7, 9)]
     assert state["window"].tolist() == [[6, 7], [8, 9]]
     tree = DraftTree(4)

@@ -174,6 +174,24 @@ def test_draft_tree_slots_read_and_write_their_rows_and_hide_the_block_entries_t
     assert scores.isinf().any(-1).any()
 
 
+def test_top_tokens_are_a_stable_descending_sort_and_column_0_is_argmax(kernels):
+    from tokensieve.engine.sampler import top_tokens
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(7, 49152, generator=generator), torch.randint(0, 4, (40, 1003), generator=generator).float()]
+    ties = rows[1]
+    ties[0] = 1.0  # all equal
+    ties[1, :] = float("-inf")
+    ties[2, 10:] = float("-inf")  # fewer finite logits than k
+    for logits in rows:
+        for k in (1, 8, 64):
+            expected = torch.sort(logits, dim=-1, descending=True, stable=True).indices[:, :k]
+            assert torch.equal(kernels.top_tokens(logits, k), expected)
+        assert torch.equal(top_tokens(logits, 8, kernels)[:, 0], logits.argmax(-1))
+        assert torch.equal(top_tokens(logits, 8)[:, 0], logits.argmax(-1))  # the fallback's column 0 too
+    assert torch.equal(kernels.top_tokens(rows[0][:, ::2], 3), kernels.top_tokens(rows[0][:, ::2].contiguous(), 3))
+
+
 @pytest.fixture(scope="module")
 def pytorch_llm():
     from tokensieve import LLM

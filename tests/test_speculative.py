@@ -137,7 +137,7 @@ def _chi_square_p(a: Counter, b: Counter) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
 
 
-def _greedy_acceptance(tree, logits, params, token_ids, generator=None):
+def _greedy_acceptance(tree, logits, params, token_ids, generator=None, greedy_tokens=None):
     """A lossy rule: accept a drafted child when it is the target's most likely token (greedy
     verification reused under sampling), else draw from the target. It must fail the test below."""
     from tokensieve.engine.sampler import target_distribution

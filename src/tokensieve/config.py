@@ -80,6 +80,8 @@ class SpeculativeConfig:
         for name in ("max_nodes", "max_depth", "lookup_max_ngram", "recycling_top_k", "lookahead_width"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.recycling_top_k > 64:
+            raise ValueError(f"recycling_top_k must be at most 64, got {self.recycling_top_k}")
         if not isinstance(self.recycling_seed_tokens, int) or self.recycling_seed_tokens < 0:
             raise ValueError(f"recycling_seed_tokens must be an integer >= 0, got {self.recycling_seed_tokens!r}")
         if not isinstance(self.lookahead_ngram, int) or self.lookahead_ngram < 2:

@@ -107,7 +107,7 @@ class LLMEngine:
                 lambda batch: min(batch * config.max_nodes, self.config.max_batched_tokens - batch),
                 cache_root() / "speculative" / f"latency-{fingerprint}.json",
             )
-            self.speculator = Speculator(config, self.model.config.vocab_size, latency, self.max_model_len)
+            self.speculator = Speculator(config, self.model.config.vocab_size, latency, self.max_model_len, self.kernels)
         return self.speculator
 
     def _validate(self, prompt_token_ids: list[int], params: SamplingParams, want_prompt_logits: bool) -> None:
@@ -161,17 +161,14 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one forward; return an output for every request that gained tokens or finished."""
+        began = time.perf_counter()
         drafted = self._draft()
         schedule = self.scheduler.schedule()
         for seq in drafted:
             seq.draft = None  # a draft the schedule did not take is stale by the next step
         if not schedule.chunks:
             return []
-        began = time.perf_counter()
         logits, chunk_rows = self.runner.run(schedule.chunks)
-        if drafted and all(c.draft is not None or c.num_tokens == 1 for c in schedule.chunks):
-            rows = sum(c.num_tokens for c in schedule.chunks)
-            self.speculator.observe_forward(len(schedule.chunks), rows - len(schedule.chunks), time.perf_counter() - began)
         outputs, sampled_seqs, sampled_rows = [], [], []
         for chunk, rows in chunk_rows:
             seq, completes = chunk.seq, chunk.completes_sequence
@@ -190,8 +187,11 @@ class LLMEngine:
                 sampled_seqs.append(seq)
                 sampled_rows.append(rows.stop - 1)
         if sampled_seqs:
-            tokens = sample_tokens(logits[sampled_rows], sampled_seqs)
+            tokens = sample_tokens(logits[sampled_rows], sampled_seqs, self.kernels)
             outputs += [self._append_tokens(seq, [token]) for seq, token in zip(sampled_seqs, tokens)]
+        if drafted and all(c.draft is not None or c.num_tokens == 1 for c in schedule.chunks):
+            rows = sum(c.num_tokens for c in schedule.chunks)
+            self.speculator.observe_step(len(schedule.chunks), rows - len(schedule.chunks), time.perf_counter() - began)
         return outputs
 
     def _draft(self) -> list[Sequence]:

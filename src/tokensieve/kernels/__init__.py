@@ -12,7 +12,7 @@ from ..cache import cache_root
 
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = ("kernels.h", "bindings.cpp", "qmatmul.cpp", "int8_matmul.cpp", "paged_attention.cpp")
+SOURCES = ("kernels.h", "bindings.cpp", "qmatmul.cpp", "int8_matmul.cpp", "paged_attention.cpp", "top_tokens.cpp")
 
 
 def _build_dir() -> Path:
@@ -29,7 +29,8 @@ def _build_dir() -> Path:
 
 @functools.cache
 def native_kernels():
-    """The compiled extension (quantized_matmul, int8_matmul, paged_scores, paged_softmax_values), or None where
+    """The compiled extension (quantized_matmul, int8_matmul, paged_scores, paged_softmax_values, top_tokens), or
+    None where
     it cannot be built; TOKENSIEVE_NO_KERNELS=1 turns it off."""
     if os.environ.get("TOKENSIEVE_NO_KERNELS"):
         return None

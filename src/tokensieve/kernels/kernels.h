@@ -11,3 +11,4 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
 torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_pool, torch::Tensor block_tables,
                                    torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows,
                                    int64_t num_rows);
+torch::Tensor top_tokens(torch::Tensor logits, int64_t k);

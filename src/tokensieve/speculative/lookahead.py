@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
-import torch
 
 from .tree import ROOT, DraftTree
 
@@ -50,10 +49,11 @@ class LookaheadDrafter:
     def branch_tokens(self, state: dict, token_ids: list[int]) -> np.ndarray:
         return self._state(state, token_ids)["window"].reshape(-1)
 
-    def learn(self, state: dict, branch_logits: torch.Tensor) -> None:
-        """One Jacobi step from the branch's logits [branch, vocab]: new n-grams into the pool, window up."""
+    def learn(self, state: dict, branch_predictions: np.ndarray) -> None:
+        """One Jacobi step from the model's greedy token after each branch row: new n-grams into
+        the pool, window up."""
         window = state["window"]
-        predictions = branch_logits.argmax(dim=-1).cpu().numpy().reshape(self.levels, self.width)
+        predictions = np.asarray(branch_predictions).reshape(self.levels, self.width)
         top = predictions[-1]
         pool: dict = state["pool"]
         for column in range(self.width):

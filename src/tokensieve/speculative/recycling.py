@@ -8,7 +8,6 @@ static tree of (parent, rank) slots is filled from it, one lookup per slot.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .tree import ROOT, DraftTree
 
@@ -33,16 +32,18 @@ def static_tree(num_nodes: int, max_depth: int, top_k: int) -> list[tuple[int, i
 class TokenRecyclingDrafter:
     name = "recycling"
 
-    def __init__(self, vocab_size: int, top_k: int = 8, num_nodes: int = 80, max_depth: int = 6):
+    def __init__(self, vocab_size: int, top_k: int = 8, num_nodes: int = 40, max_depth: int = 6):
+        # 40 slots, not the paper's 80: trees kept at 4-16 nodes emitted as many tokens per forward with
+        # 40 as with 80 on Spec-Bench (acceptance_curve.py), and each slot costs drafting time every step
         self.top_k = top_k
         self.successors = np.zeros((vocab_size, top_k), dtype=np.int64)
         self.known = np.zeros(vocab_size, dtype=bool)
         self.slots = static_tree(num_nodes, max_depth, top_k)
 
-    def learn(self, token_ids: torch.Tensor, logits: torch.Tensor) -> None:
-        """Remember the top-k successors the model gave after each of `token_ids` (rows of `logits`)."""
-        top = torch.topk(logits, self.top_k, dim=-1).indices.cpu().numpy()
-        tokens = token_ids.cpu().numpy()
+    def learn(self, token_ids, top: np.ndarray) -> None:
+        """Remember the top-k successors the model gave after each of `token_ids`: `top` [tokens, k],
+        the ids of each row's k largest logits, best first."""
+        tokens = np.asarray(token_ids)
         self.successors[tokens] = top
         self.known[tokens] = True
 

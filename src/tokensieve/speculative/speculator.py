@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..config import SpeculativeConfig
+from ..engine.sampler import top_tokens
 from ..engine.sequence import Sequence
 from .latency import LatencyTable
 from .lookahead import LookaheadDrafter
@@ -78,8 +79,11 @@ class VerificationBlock:
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, vocab_size: int, latency: LatencyTable | None, max_model_len: int):
+    def __init__(
+        self, config: SpeculativeConfig, vocab_size: int, latency: LatencyTable | None, max_model_len: int, kernels=None
+    ):
         self.config = config
+        self.kernels = kernels  # for top_tokens
         self.latency = latency if config.tune else None
         self.max_model_len = max_model_len
         self.stats = AcceptanceStats()
@@ -107,7 +111,7 @@ class Speculator:
         """Logits of rows outside verification (prompt rows, plain decode rows; row i after
         token_ids[i]) seed and refresh the successor matrix."""
         if self.recycling is not None:
-            self.recycling.learn(torch.tensor(token_ids), logits)
+            self.recycling.learn(token_ids, self._top_tokens(logits))
 
     # ---- drafting ------------------------------------------------------------------------------
     def _max_depth(self, seq: Sequence) -> int:
@@ -194,23 +198,29 @@ class Speculator:
         offsets = np.concatenate([block.offsets, self.lookahead.offsets])
         return VerificationBlock(tree, block.tokens + branch.tolist(), offsets, full, block.streak, extra)
 
-    def observe_forward(self, batch: int, drafted: int, seconds: float) -> None:
-        """A decode forward's real duration refines the latency table."""
+    def observe_step(self, batch: int, drafted: int, seconds: float) -> None:
+        """A decode step's real duration (drafting and verification included) refines the latency table."""
         if self.latency is not None:
             self.latency.observe(batch, drafted, seconds)
+
+    def _top_tokens(self, logits: torch.Tensor) -> np.ndarray:
+        """Each row's greedy token, then (with Token Recycling) its next best, as many as it keeps."""
+        k = self.recycling.top_k if self.recycling is not None else 1
+        return top_tokens(logits, k, self.kernels).cpu().numpy()
 
     # ---- verification --------------------------------------------------------------------------
     def verify(self, seq: Sequence, block: VerificationBlock, logits: torch.Tensor) -> tuple[list[int], list[int]]:
         """Accept a path (lossless), learn from every row; returns the accepted nodes and emitted tokens."""
         tree = block.tree
-        path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.generator)
+        top = self._top_tokens(logits)
+        path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.generator, top[: len(tree), 0].tolist())
         self.stats.update(tree, path, block.streak)
         self._sequence_stats(seq).update(tree, path, block.streak)
         seq.drafter_state["streak"] = min(len(path) - 1, 2)
         if self.recycling is not None:
-            self.recycling.learn(torch.tensor(tree.tokens), logits[: len(tree)])
+            self.recycling.learn(tree.tokens, top[: len(tree)])
         if block.branch_size:
-            self.lookahead.learn(seq.drafter_state[self.lookahead.name], logits[len(tree) :])
+            self.lookahead.learn(seq.drafter_state[self.lookahead.name], top[len(tree) :, 0])
         if self.lookahead is not None:
             only_lookahead = sum(all(key[0] == "lookahead" for key in tree.keys[node]) for node in path[1:])
             self.lookahead_gain = 0.9 * self.lookahead_gain + 0.1 * only_lookahead

@@ -64,8 +64,13 @@ class DraftTree:
     def value(self, rate) -> None:
         """Estimate every node's chance of acceptance: its parent's times the best rate(key) of its
         credited keys (a rate is the chance of acceptance once the parent is accepted)."""
+        rates: dict[tuple, float] = {}  # many nodes share a key
         for node in range(1, len(self.tokens)):
-            best = max(rate(key) for key in self.credited_keys(node))
+            best = 0.0
+            for key in self.credited_keys(node):
+                if key not in rates:
+                    rates[key] = rate(key)
+                best = max(best, rates[key])
             self.values[node] = self.values[self.parents[node]] * best
 
     def path(self, node: int) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.sampler import greedy_token, target_distribution
+from ..engine.sampler import greedy_token, target_distribution, top_tokens
 from ..sampling_params import SamplingParams
 from .tree import ROOT, DraftTree
 
@@ -24,12 +24,16 @@ def draw(logits: torch.Tensor, params: SamplingParams, seen_token_ids: list[int]
 
 
 def accept_path(
-    tree: DraftTree, logits: torch.Tensor, params: SamplingParams, token_ids: list[int], generator=None
+    tree: DraftTree, logits: torch.Tensor, params: SamplingParams, token_ids: list[int], generator=None,
+    greedy_tokens: list[int] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Walk the tree; returns the accepted nodes (root first) and the emitted tokens (one more than
-    the accepted drafted nodes). logits: [tree nodes, vocab], row i after node i."""
+    the accepted drafted nodes). logits: [tree nodes, vocab], row i after node i; `greedy_tokens`:
+    each row's `top_tokens` best, when already known."""
     plain_greedy = params.greedy and params.repetition_penalty == 1.0
-    best = logits[: len(tree)].argmax(dim=-1).tolist() if plain_greedy else None
+    best = None
+    if plain_greedy:
+        best = greedy_tokens if greedy_tokens is not None else top_tokens(logits[: len(tree)], 1)[:, 0].tolist()
     node, path, emitted = ROOT, [ROOT], []
     while True:
         token = best[node] if plain_greedy else draw(logits[node], params, token_ids + emitted, generator)
