@@ -192,6 +192,27 @@ def test_top_tokens_are_a_stable_descending_sort_and_column_0_is_argmax(kernels)
     assert torch.equal(kernels.top_tokens(rows[0][:, ::2], 3), kernels.top_tokens(rows[0][:, ::2].contiguous(), 3))
 
 
+def test_layer_ops_match_pytorch(kernels):
+    from tokensieve.engine.kv_pool import KVPool
+    from tokensieve.models.rope import RotaryEmbedding, apply_rotary
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(9, 576, generator=generator), torch.randn(576, generator=generator)
+    assert torch.allclose(kernels.rms_norm(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5), rtol=1e-6, atol=1e-6)
+    heads = torch.randn(5, 3, 64, generator=generator)  # qk-norm shape: [tokens, heads, head_dim]
+    assert torch.allclose(kernels.rms_norm(heads, weight[:64], 1e-6), F.rms_norm(heads, (64,), weight[:64], 1e-6), rtol=1e-6, atol=1e-6)
+    qkv = torch.randn(9, 15 * 64, generator=generator)
+    qk = qkv[:, : 12 * 64].view(9, 12, 64)  # a strided view, as the model passes it
+    cos, sin = RotaryEmbedding(64, 4096, 10000.0, None)(torch.randint(0, 4096, (9,), generator=generator), torch.float32)
+    assert torch.equal(kernels.rotary(qk, cos, sin), apply_rotary(qk, cos, sin))  # the same arithmetic, bit for bit
+    native, plain = (KVPool(8, 16, 64, torch.float32, torch.device("cpu"), k) for k in (kernels, None))
+    slots = torch.randperm(8 * 16, generator=generator)[:27].view(9, 3)
+    keys, values = qk[:, 9:], qkv[:, 12 * 64 :].view(9, 3, 64)
+    for pool in (native, plain):
+        pool.store(slots, keys, values)
+    assert torch.equal(native.keys, plain.keys) and torch.equal(native.values, plain.values) and native.keys.abs().sum() > 0
+
+
 @pytest.fixture(scope="module")
 def pytorch_llm():
     from tokensieve import LLM

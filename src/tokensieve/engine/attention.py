@@ -105,9 +105,7 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [tokens, heads, dim], k and v [tokens, kv_heads, dim] -> [tokens, heads, dim]."""
-        slots = self.write_slots[layer]
-        head_dim = k.shape[-1]
-        self.pool.store(slots.reshape(-1), k.reshape(-1, head_dim), v.reshape(-1, head_dim))
+        self.pool.store(self.write_slots[layer], k, v)
         if self.decode is not None and not self.prefills:
             return self._attend_decode(layer, q)
         out = torch.empty_like(q)

@@ -46,7 +46,7 @@ class LLMEngine:
         model_cfg = self.model.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, config.torch_dtype)
-        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device)
+        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device, self.kernels)
         self.block_manager = BlockManager(num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size)
         policy = config.kv_policy

@@ -23,8 +23,11 @@ class KVPool:
     so the decode kernel scores a run of entries with one vector multiply-add per dim.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device, kernels=None
+    ):
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
+        self.kernels = kernels if dtype == torch.float32 and device.type == "cpu" else None  # store_kv
         self.keys = _lazy_zeros((num_blocks, head_dim, block_size), dtype, device)
         self.values = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
         self.positions = _lazy_zeros((num_blocks, block_size), torch.int64, device)
@@ -34,7 +37,10 @@ class KVPool:
         return self.keys.transpose(1, 2) if name == "keys" else self.values
 
     def store(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write keys and values [n, dim] at flat slots [n]."""
+        """Write keys and values [tokens, kv_heads, dim] at flat slots [tokens, kv_heads]."""
+        if self.kernels is not None:
+            return self.kernels.store_kv(self.keys, self.values, slots.reshape(-1), keys, values)
+        slots, keys, values = slots.reshape(-1), keys.reshape(-1, self.head_dim), values.reshape(-1, self.head_dim)
         self.keys[slots // self.block_size, :, slots % self.block_size] = keys
         self.values.view(-1, self.head_dim)[slots] = values
 

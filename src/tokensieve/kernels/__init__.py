@@ -12,7 +12,9 @@ from ..cache import cache_root
 
 
 KERNEL_DIR = Path(__file__).parent
-SOURCES = ("kernels.h", "bindings.cpp", "qmatmul.cpp", "int8_matmul.cpp", "paged_attention.cpp", "top_tokens.cpp")
+SOURCES = (
+    "kernels.h", "bindings.cpp", "qmatmul.cpp", "int8_matmul.cpp", "paged_attention.cpp", "top_tokens.cpp", "layer_ops.cpp"
+)
 
 
 def _build_dir() -> Path:
@@ -29,9 +31,8 @@ def _build_dir() -> Path:
 
 @functools.cache
 def native_kernels():
-    """The compiled extension (quantized_matmul, int8_matmul, paged_scores, paged_softmax_values, top_tokens), or
-    None where
-    it cannot be built; TOKENSIEVE_NO_KERNELS=1 turns it off."""
+    """The compiled extension (quantized_matmul, int8_matmul, paged_scores, paged_softmax_values, top_tokens,
+    rms_norm, rotary, store_kv), or None where it cannot be built; TOKENSIEVE_NO_KERNELS=1 turns it off."""
     if os.environ.get("TOKENSIEVE_NO_KERNELS"):
         return None
     try:

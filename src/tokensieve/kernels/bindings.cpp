@@ -5,5 +5,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matmul", &int8_matmul, "x @ W^T with x quantized to int8 per 32-block, W in repacked GGUF blocks");
   m.def("paged_scores", &paged_scores, "q . k for every stored entry of each (sequence, KV head), read in place");
   m.def("paged_softmax_values", &paged_softmax_values, "softmax of the scores times v over the stored entries, read in place");
+  m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim");
+  m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin for x [tokens, heads, dim]");
+  m.def("store_kv", &store_kv, "write keys and values [tokens, kv_heads, dim] to their flat slots in the block pools");
   m.def("top_tokens", &top_tokens, "the k largest logits of each row as token ids, best first, ties to the lower id");
 }

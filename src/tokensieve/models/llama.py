@@ -5,7 +5,9 @@ grouped-query heads; Qwen2 adds a bias to q/k/v, Qwen3 an RMSNorm on each q and 
 The model never sees the KV cache: each layer hands its new q, k, v to `attention(layer, q, k, v)`,
 which stores k and v and returns the attention output (see engine/attention.py).
 q/k/v and gate/up are fused into single matrices, and each residual add is fused into the
-output projection (addmm): on a CPU, decoding one token is dominated by per-op overhead.
+output projection (addmm): on a CPU, decoding one token is dominated by per-op overhead. For the
+same reason RMSNorm and the rotary embedding run as one native call each when the loader hands
+them the kernels (kernels/layer_ops.cpp).
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
 
 class RMSNorm(nn.Module):
+    kernels = None  # the native kernels, set by the loader
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in float32, scale in the model dtype (as the reference implementation does)
@@ -62,6 +68,8 @@ def add_linear(residual: torch.Tensor, x: torch.Tensor, linear: Linear) -> torch
 
 
 class Attention(nn.Module):
+    kernels = None  # the native kernels (rotary), set by the loader
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
@@ -82,7 +90,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
-        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = apply_rotary(qk, cos, sin, self.kernels).split([self.num_heads, self.num_kv_heads], dim=1)
         return attention(self.layer_index, q, k, v).reshape(num_tokens, -1)
 
 

@@ -51,8 +51,11 @@ class RotaryEmbedding(torch.nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each head of x [tokens, heads, head_dim]: pairs (i, i + head_dim/2) turn by the token's angles."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels=None) -> torch.Tensor:
+    """Rotate each head of x [tokens, heads, head_dim]: pairs (i, i + head_dim/2) turn by the token's angles
+    (by the native kernel when given one: the same arithmetic in one call)."""
+    if kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        return kernels.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated_half * sin

@@ -10,7 +10,7 @@ import torch
 from ..cache import cache_root
 from ..errors import ModelLoadError
 from ..models.config import ModelConfig
-from ..models.llama import LlamaModel
+from ..models.llama import Attention, LlamaModel, RMSNorm
 from ..models.int8_weight import Int8Weight
 from ..models.quantized import QuantizedWeight
 from .gguf_file import read_gguf
@@ -84,7 +84,8 @@ def load_model(
 ) -> LlamaModel:
     """Load the weights. Given the native `kernels`, linears whose GGUF blocks are Q4_0/Q4_1/Q8_0
     also keep those blocks and multiply them natively: float32 activations when few rows are
-    processed, or (activations "int8") int8 activations for every forward (float32, CPU)."""
+    processed, or (activations "int8") int8 activations for every forward (float32, CPU); RMSNorm
+    and the rotary embedding run natively too."""
     if activations == "int8" and kernels is None:
         raise ModelLoadError("activations='int8' needs the native kernels, which are not available here (see the "
                              "warning above; TOKENSIEVE_NO_KERNELS must be unset and a C++ compiler present)")
@@ -108,6 +109,9 @@ def load_model(
     net = net.to(device=device, dtype=dtype).eval()
     if kernels is None:
         return net
+    for module in net.modules():
+        if isinstance(module, (RMSNorm, Attention)):
+            module.kernels = kernels
     native = _fused_quantized(cfg, quantized)
     if activations == "int8" and not native:
         raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
