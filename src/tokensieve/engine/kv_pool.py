@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..kernels import kernels_take
+
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros whose CPU pages are only committed when first written (calloc), so an idle pool costs no RAM."""
@@ -27,8 +29,8 @@ class KVPool:
         self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device, kernels=None
     ):
         self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
-        self.kernels = kernels if dtype == torch.float32 and device.type == "cpu" else None  # store_kv
         self.keys = _lazy_zeros((num_blocks, head_dim, block_size), dtype, device)
+        self.kernels = kernels if kernels_take(kernels, self.keys) else None  # store_kv
         self.values = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
         self.positions = _lazy_zeros((num_blocks, block_size), torch.int64, device)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import kernels_take
 from ..sampling_params import SamplingParams
 from .sequence import Sequence
 
@@ -44,7 +45,7 @@ def target_distribution(logits: torch.Tensor, params: SamplingParams, seen_token
 def top_tokens(logits: torch.Tensor, k: int, kernels=None) -> torch.Tensor:
     """Token ids [rows, k] of each row's k largest logits, best first. Column 0 is the greedy token:
     argmax's (a tie goes to the lower id), by the native kernel when there is one (a tenth of the time)."""
-    if kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+    if kernels_take(kernels, logits):
         return kernels.top_tokens(logits, k)
     best = logits.argmax(dim=-1, keepdim=True)
     if k == 1:

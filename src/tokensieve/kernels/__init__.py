@@ -8,6 +8,8 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
+
 from ..cache import cache_root
 
 
@@ -19,14 +21,17 @@ SOURCES = (
 
 def _build_dir() -> Path:
     """One build folder per kernel source text and torch version, so checkouts share identical builds."""
-    import torch
-
     digest = hashlib.sha256(torch.__version__.encode())
     for name in SOURCES:
         digest.update((KERNEL_DIR / name).read_bytes())
     path = cache_root() / "kernels" / digest.hexdigest()[:16]
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def kernels_take(kernels, x) -> bool:
+    """Whether there are native kernels and they can take tensor x: float32, on the CPU."""
+    return kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
 @functools.cache

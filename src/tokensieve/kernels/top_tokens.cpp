@@ -10,11 +10,10 @@
 
 namespace {
 
-// Insert (value, id) into the sorted best-k arrays if it beats the k-th; ids arrive in increasing
-// order, so an equal value already kept stays ahead of it.
-inline void offer(float value, int64_t id, float* best, int64_t* ids, int64_t k) {
-  if (!(value > best[k - 1])) return;
-  int64_t at = k - 1;
+// Sort (value, id) into the sorted arrays best[0..last), dropping what was at `last`; ids arrive in
+// increasing order, so an equal value already kept stays ahead of it.
+inline void insert(float value, int64_t id, float* best, int64_t* ids, int64_t last) {
+  int64_t at = last;
   while (at > 0 && value > best[at - 1]) {
     best[at] = best[at - 1];
     ids[at] = ids[at - 1];
@@ -24,19 +23,15 @@ inline void offer(float value, int64_t id, float* best, int64_t* ids, int64_t k)
   ids[at] = id;
 }
 
+// Insert (value, id) into the sorted best-k arrays if it beats the k-th.
+inline void offer(float value, int64_t id, float* best, int64_t* ids, int64_t k) {
+  if (value > best[k - 1]) insert(value, id, best, ids, k - 1);
+}
+
 void top_of_row(const float* row, int64_t vocab, int64_t k, int64_t* ids) {
   float best[64];
   int64_t v = 0;
-  for (; v < k; ++v) {  // the first k logits, sorted in (-inf ones too)
-    int64_t at = v;
-    while (at > 0 && row[v] > best[at - 1]) {
-      best[at] = best[at - 1];
-      ids[at] = ids[at - 1];
-      --at;
-    }
-    best[at] = row[v];
-    ids[at] = v;
-  }
+  for (; v < k; ++v) insert(row[v], v, best, ids, v);  // the first k logits, sorted in (-inf ones too)
 #if defined(__AVX512F__)
   for (; v + 16 <= vocab; v += 16) {
     __mmask16 above = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + v), _mm512_set1_ps(best[k - 1]), _CMP_GT_OQ);

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import kernels_take
 from .config import ModelConfig
 from .int8_weight import Int8Weight
 from .quantized import QuantizedWeight
@@ -35,7 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        if kernels_take(self.kernels, x):
             return self.kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..errors import ModelLoadError
+from ..kernels import kernels_take
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -54,7 +55,7 @@ class RotaryEmbedding(torch.nn.Module):
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels=None) -> torch.Tensor:
     """Rotate each head of x [tokens, heads, head_dim]: pairs (i, i + head_dim/2) turn by the token's angles
     (by the native kernel when given one: the same arithmetic in one call)."""
-    if kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+    if kernels_take(kernels, x):
         return kernels.rotary(x, cos, sin)
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
