@@ -12,7 +12,7 @@ from tokensieve.sampling_params import SamplingParams
 from tokensieve.speculative.lookahead import LookaheadDrafter
 from tokensieve.speculative.prompt_lookup import PromptLookupDrafter
 from tokensieve.speculative.recycling import TokenRecyclingDrafter, static_tree
-from tokensieve.speculative.latency import STEP, LatencyTable
+from tokensieve.speculative.latency import CONTEXTS, STEP, LatencyTable
 from tokensieve.speculative.speculator import EXPLORE_EVERY, AcceptanceStats, Speculator
 from tokensieve.speculative.tree import DraftTree
 from tokensieve.speculative.verify import accept_path
@@ -170,7 +170,7 @@ class FakeLatency:
     def __init__(self, per_token: float):
         self.per_token = per_token
 
-    def seconds(self, batch, drafted):
+    def seconds(self, batch, drafted, context):
         return 1.0 + self.per_token * (batch - 1 + np.asarray(drafted, dtype=float))
 
 
@@ -184,41 +184,62 @@ def test_tree_size_maximises_expected_tokens_per_second():
     tree.add_chain(0, [2, 3, 4, 5], [("a", depth) for depth in range(4)])
     tree.value(lambda key: rates[key[1]])
     # cheap tokens (0.1 s each): keep nodes while value / cost beats the running rate
-    assert _speculator(0.1)._tree_sizes([tree], 1) == [3]
+    assert _speculator(0.1)._tree_sizes([tree], 1, 100.0) == [3]
     # expensive tokens: speculation does not pay, fall back to plain decoding...
     speculator = _speculator(2.0)
     speculator.num_forwards = 1
-    assert speculator._tree_sizes([tree], 1) == [0]
+    assert speculator._tree_sizes([tree], 1, 100.0) == [0]
     # ...except every EXPLORE_EVERY forwards, when the best node still runs (to keep measuring)
     speculator.num_forwards = EXPLORE_EVERY
-    assert speculator._tree_sizes([tree], 1) == [1]
+    assert speculator._tree_sizes([tree], 1, 100.0) == [1]
+
+
+def _probe(batch, grid, context):
+    """A forward: 1 s, plus 0.1 s per drafted token, plus 1 ms per stored token per query row."""
+    return [1.0 + 0.1 * d + 0.001 * context * (1 + d) for d in grid]
 
 
 def test_latency_table_follows_real_forwards():
-    """A plain forward shifts the whole curve (a longer context slows every forward); a drafted
-    one moves only the grid points around it."""
-    table = LatencyTable(lambda batch, grid: [1.0 + 0.1 * d for d in grid], lambda batch: 8, None)
-    before = table.seconds(1, np.arange(9))
-    table.observe(1, 0, 2.0)  # a plain forward slower than the table says
-    assert np.allclose(table.seconds(1, np.arange(9)), before + STEP * 1.0)
-    shifted = table.seconds(1, np.arange(9))
-    table.observe(1, 5, 10.0)  # between grid points 4 and 6: both move, the ones before stay
-    after = table.seconds(1, np.arange(9))
+    """A plain step shifts the whole curve; a drafted one moves only the grid points around it."""
+    table = LatencyTable(_probe, lambda batch: 8, None)
+    short = CONTEXTS[0]
+    before = table.seconds(1, np.arange(9), short)
+    table.observe(1, 0, short, 2.0)  # a plain step slower than the table says
+    assert np.allclose(table.seconds(1, np.arange(9), short), before + STEP * before[0])
+    shifted = table.seconds(1, np.arange(9), short)
+    table.observe(1, 5, short, 10.0)  # between grid points 4 and 6: both move, the ones before stay
+    after = table.seconds(1, np.arange(9), short)
     assert after[4] > shifted[4] and after[6] > shifted[6] and after[3] == shifted[3]
     for _ in range(200):
-        table.observe(1, 1, 0.5)  # one drafted token turns out cheap: its point falls below its neighbour's
-    assert (np.diff(table.seconds(1, np.arange(9))) >= 0).all()  # but latency never falls as tokens are added
-    assert table.seconds(1, [1])[0] == table.seconds(1, [0])[0]
+        table.observe(1, 1, short, 0.5)  # one drafted token turns out cheap: its point falls below its neighbour's
+    assert (np.diff(table.seconds(1, np.arange(9), short)) >= 0).all()  # but latency never falls as tokens are added
+    assert table.seconds(1, [1], short)[0] == table.seconds(1, [0], short)[0]
+
+
+def test_latency_table_prices_drafts_by_context():
+    """Between the probed contexts the table interpolates, beyond the longest it extrapolates, below
+    the shortest it keeps the shortest's; steps observed on long prompts leave short ones' prices."""
+    table = LatencyTable(_probe, lambda batch: 8, None)
+    for context in (CONTEXTS[0], (CONTEXTS[0] + CONTEXTS[1]) / 2, CONTEXTS[1], 2 * CONTEXTS[1]):
+        assert np.allclose(table.seconds(1, [0, 4], context), _probe(1, [0, 4], context))
+    assert np.allclose(table.seconds(1, [4], 10), _probe(1, [4], CONTEXTS[0]))
+    short_before = table.seconds(1, np.arange(9), CONTEXTS[0])
+    for _ in range(100):  # drafts on a long prompt turn out dearer than probed
+        table.observe(1, 4, 2 * CONTEXTS[1], 2 * _probe(1, [4], 2 * CONTEXTS[1])[0])
+    assert np.array_equal(table.seconds(1, np.arange(9), CONTEXTS[0]), short_before)
+    assert table.seconds(1, [4], CONTEXTS[1])[0] > 1.5 * _probe(1, [4], CONTEXTS[1])[0]
 
 
 def test_latency_table_tracks_the_median_forward_not_the_stalls():
-    """On a shared machine one forward in five stalls (5x); the table settles at the typical
-    forward, where a running mean would settle at 1.8x it."""
-    table = LatencyTable(lambda batch, grid: [1.0 + 0.1 * d for d in grid], lambda batch: 8, None)
+    """On a shared machine one step in five stalls (5x); the table settles at the typical step,
+    where a running mean would settle at 1.8x it."""
+    table = LatencyTable(_probe, lambda batch: 8, None)
     rng = np.random.default_rng(0)
+    typical = _probe(1, [4], 500)[0] * 1.4
+    assert table.seconds(1, [4], 500)[0] < 0.75 * typical  # measures the probe
     for _ in range(2000):
-        table.observe(1, 4, 1.4 * (5.0 if rng.random() < 0.2 else rng.uniform(0.95, 1.05)))
-    assert abs(table.seconds(1, [4])[0] - 1.4) < 0.1
+        table.observe(1, 4, 500, typical * (5.0 if rng.random() < 0.2 else rng.uniform(0.95, 1.05)))
+    assert abs(table.seconds(1, [4], 500)[0] - typical) < 0.1 * typical
 
 
 def test_keep_appended_moves_the_accepted_path_behind_the_prefix_and_frees_the_rest():

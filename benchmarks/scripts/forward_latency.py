@@ -23,8 +23,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     engine = LLM(args.model, activations=args.activations).engine
-    probe = LatencyProbe(engine.runner, engine.block_manager, engine.model.config.vocab_size, args.context, args.rounds)
-    seconds = probe(1, args.grid)
+    probe = LatencyProbe(engine.runner, engine.block_manager, engine.model.config.vocab_size, engine.max_model_len, args.rounds)
+    seconds = probe(1, args.grid, args.context)
     plain = seconds[args.grid.index(0)] if 0 in args.grid else seconds[0]
     print(f"context {args.context}, batch 1, {args.activations} activations, median of {args.rounds} rounds")
     print("| drafted tokens | " + " | ".join(str(d) for d in args.grid) + " |")

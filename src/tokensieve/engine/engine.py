@@ -17,7 +17,7 @@ from ..kernels import native_kernels
 from ..models.llama import LlamaModel
 from ..outputs import RequestMetrics, RequestOutput
 from ..sampling_params import SamplingParams
-from ..speculative.latency import LatencyTable
+from ..speculative.latency import CONTEXTS as LATENCY_CONTEXTS, LatencyTable
 from ..speculative.speculator import Speculator
 from ..weights import load_model, load_tokenizer
 from .block_manager import BlockManager
@@ -100,10 +100,10 @@ class LLMEngine:
             config = self.config.speculative or SpeculativeConfig()
             fingerprint = hashlib.sha256(repr((
                 self.model.config, self.config.dtype, self.config.activations, self.config.device, self.config.block_size,
-                getattr(self.kernels, "__file__", None), torch.get_num_threads(),
+                getattr(self.kernels, "__file__", None), torch.get_num_threads(), LATENCY_CONTEXTS,
             )).encode()).hexdigest()[:16]
             latency = LatencyTable(
-                LatencyProbe(self.runner, self.block_manager, self.model.config.vocab_size),
+                LatencyProbe(self.runner, self.block_manager, self.model.config.vocab_size, self.max_model_len),
                 lambda batch: min(batch * config.max_nodes, self.config.max_batched_tokens - batch),
                 cache_root() / "speculative" / f"latency-{fingerprint}.json",
             )
@@ -191,7 +191,8 @@ class LLMEngine:
             outputs += [self._append_tokens(seq, [token]) for seq, token in zip(sampled_seqs, tokens)]
         if drafted and all(c.draft is not None or c.num_tokens == 1 for c in schedule.chunks):
             rows = sum(c.num_tokens for c in schedule.chunks)
-            self.speculator.observe_step(len(schedule.chunks), rows - len(schedule.chunks), time.perf_counter() - began)
+            context = sum(c.seq.num_processed for c in schedule.chunks) / len(schedule.chunks)  # entries per sequence, after the step
+            self.speculator.observe_step(len(schedule.chunks), rows - len(schedule.chunks), context, time.perf_counter() - began)
         return outputs
 
     def _draft(self) -> list[Sequence]:

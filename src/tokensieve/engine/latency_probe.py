@@ -1,4 +1,4 @@
-"""Times verification forwards on this machine: `batch` dummy sequences (random tokens, a short
+"""Times verification forwards on this machine: `batch` dummy sequences (random tokens, a given
 context) carrying `drafted` draft tokens in all, through the engine's own runner and pool."""
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from .runner import ModelRunner
 from .scheduler import ScheduledChunk
 from .sequence import Sequence
 
-PROBE_CONTEXT = 256
 ROUNDS = 5
 
 
@@ -29,32 +28,33 @@ def _chain_block(tokens: list[int]) -> VerificationBlock:
 
 class LatencyProbe:
     def __init__(
-        self, runner: ModelRunner, block_manager: BlockManager, vocab_size: int, context: int = PROBE_CONTEXT,
-        rounds: int = ROUNDS,
+        self, runner: ModelRunner, block_manager: BlockManager, vocab_size: int, max_model_len: int, rounds: int = ROUNDS
     ):
         self.runner, self.block_manager, self.vocab_size = runner, block_manager, vocab_size
-        self.context, self.rounds = context, rounds
+        self.max_model_len, self.rounds = max_model_len, rounds
 
-    def __call__(self, batch: int, grid: list[int]) -> list[float]:
-        """Median seconds of a forward carrying each number of drafted tokens in `grid` (inf for all
-        when the pool has no room). The grid is timed round after round, so that a noisy moment
-        of the machine spreads over every point instead of inflating one."""
+    def __call__(self, batch: int, grid: list[int], context: int) -> list[float]:
+        """Median seconds of a forward carrying each number of drafted tokens in `grid` after `context`
+        tokens (fewer where the model's context is shorter; inf for all when the pool has no room).
+        The grid is timed round after round, so that a noisy moment of the machine spreads over
+        every point instead of inflating one."""
         rng = np.random.default_rng(batch)
         manager = self.block_manager
         most = -(-max(grid) // batch)
-        needed = batch * manager.num_layers * manager.num_kv_heads * -(-(self.context + most + 1) // manager.block_size)
+        context = max(1, min(context, self.max_model_len - most - 1))
+        needed = batch * manager.num_layers * manager.num_kv_heads * -(-(context + most + 1) // manager.block_size)
         if needed > manager.num_free_blocks:
             return [float("inf")] * len(grid)
         seqs = []
         try:
             for i in range(batch):
-                ids = rng.integers(0, self.vocab_size, self.context + 1).tolist()
+                ids = rng.integers(0, self.vocab_size, context + 1).tolist()
                 seq = Sequence(f"latency-probe-{i}", ids, SamplingParams(temperature=0), arrival_order=-1)
                 seq.block_table = manager.new_table()
                 seqs.append(seq)
-                manager.reserve(seq.block_table, self.context)
-                self.runner.run([ScheduledChunk(seq, self.context)])
-                seq.num_processed = self.context
+                manager.reserve(seq.block_table, context)
+                self.runner.run([ScheduledChunk(seq, context)])
+                seq.num_processed = context
             forwards = [self._chunks(seqs, drafted, rng) for drafted in grid]
             timings = [[] for _ in grid]
             for rounds in range(self.rounds + 1):  # the first round warms up

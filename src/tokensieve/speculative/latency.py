@@ -1,7 +1,12 @@
-"""Forward latency on this machine, by batch size and number of drafted tokens, measured once and
-cached on disk, then refined from the forwards the engine really runs (longer contexts and the
-engine's own overheads make them slower than the probe's): what the tree-size choice trades
-expected accepted tokens against."""
+"""Forward latency on this machine, by batch size, number of drafted tokens and context length,
+measured once and cached on disk, then refined from the steps the engine really runs (its own
+overheads make them slower than the probe's): what the tree-size choice trades expected accepted
+tokens against.
+
+Context matters: every drafted token attends to the whole context, so at 1024 tokens a drafted token
+costs about twice what it costs at 64. One curve per probed context, interpolated (and beyond the
+longest, extrapolated) linearly in the context, keeps a table refined on long prompts from pricing
+drafts on short ones too dear, and the other way round."""
 
 from __future__ import annotations
 
@@ -12,8 +17,9 @@ from typing import Callable
 import numpy as np
 
 DRAFTED_TOKENS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-# One observed forward moves the refined latency by this fraction of it, up or down, toward the
-# measurement: the table tracks the median forward, which one stall of a shared machine barely moves
+CONTEXTS = (256, 1024)  # the contexts the probe measures at; shorter ones are priced as the shortest
+# One observed step moves the refined latency by this fraction of it, up or down, toward the
+# measurement: the table tracks the median step, which one stall of a shared machine barely moves
 # (a running mean chases such stalls, and then every size that pays less than the stalled mean
 # looks too dear to draft).
 STEP = 0.01
@@ -21,60 +27,73 @@ STEP = 0.01
 
 class LatencyTable:
     def __init__(
-        self, measure: Callable[[int, list[int]], list[float]], max_drafted: Callable[[int], int], cache_file: Path | None
+        self, measure: Callable[[int, list[int], int], list[float]], max_drafted: Callable[[int], int], cache_file: Path | None
     ):
-        """`measure(batch, grid)`: seconds of one forward of `batch` decoding sequences carrying each
-        number of drafted tokens in `grid` in all; `max_drafted(batch)`: the most a forward may carry."""
+        """`measure(batch, grid, context)`: seconds of one forward of `batch` decoding sequences of
+        `context` tokens each, carrying each number of drafted tokens in `grid` in all;
+        `max_drafted(batch)`: the most a forward may carry."""
         self._measure = measure
         self._max_drafted = max_drafted
         self.cache_file = cache_file
-        self.table: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.table: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch -> (grid, seconds [contexts, grid])
         if cache_file is not None and cache_file.exists():
-            for batch, points in json.loads(cache_file.read_text()).items():
-                drafted, seconds = zip(*points)
-                self.table[int(batch)] = (np.array(drafted, dtype=float), np.array(seconds))
+            for batch, entry in json.loads(cache_file.read_text()).items():
+                self.table[int(batch)] = (np.array(entry["drafted"], dtype=float), np.array(entry["seconds"]))
 
-    def seconds(self, batch: int, drafted) -> np.ndarray:
-        """Interpolated forward seconds for each number of drafted tokens (beyond the grid: linear)."""
+    def seconds(self, batch: int, drafted, context: float = CONTEXTS[0]) -> np.ndarray:
+        """Interpolated step seconds for each number of drafted tokens (beyond the grid: linear) at a
+        context of `context` tokens per sequence."""
         if batch not in self.table:
             self._measure_batch(batch)
         xs, ys = self.table[batch]
-        ys = np.maximum.accumulate(ys)  # latency cannot fall as tokens are added
         drafted = np.asarray(drafted, dtype=float)
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
-        return np.where(drafted <= xs[-1], np.interp(drafted, xs, ys), ys[-1] + slope * (drafted - xs[-1]))
+        curves = []
+        for curve in np.maximum.accumulate(ys, axis=1):  # latency cannot fall as tokens are added
+            slope = (curve[-1] - curve[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
+            curves.append(np.where(drafted <= xs[-1], np.interp(drafted, xs, curve), curve[-1] + slope * (drafted - xs[-1])))
+        short, long = np.maximum.accumulate(curves)  # nor as the context grows
+        return short + _context_weight(context) * (long - short)
 
-    def observe(self, batch: int, drafted: int, seconds: float) -> None:
-        """Move the table a STEP toward a measured forward. A plain forward moves the whole curve
-        (what makes it slower or faster, a longer or shorter context, weighs on every forward); one
-        with drafted tokens moves the grid points around `drafted`, each by its share."""
+    def observe(self, batch: int, drafted: int, context: float, seconds: float) -> None:
+        """Move the table a STEP toward a measured step. A plain step moves the whole curve (what makes
+        it slower or faster weighs on every step); one with drafted tokens moves the grid points around
+        `drafted`, each by its share. The curves of the two probed contexts around `context` share the
+        move (the nearest one alone below the shortest or beyond the longest)."""
         if batch not in self.table:
             return
         xs, ys = self.table[batch]
         if drafted > xs[-1]:
             return
-        predicted = float(np.interp(drafted, xs, ys))
+        predicted = float(self.seconds(batch, [drafted], context)[0])
         step = STEP * predicted * np.sign(seconds - predicted)
-        ys = ys.copy()
+        grid_share = np.zeros(len(xs))
         if drafted == 0:
-            ys += step
+            grid_share[:] = 1.0
         else:
             upper = int(np.searchsorted(xs, drafted))
             lower = upper - 1 if xs[upper] != drafted else upper
             weight = 1.0 if lower == upper else (drafted - xs[lower]) / (xs[upper] - xs[lower])
-            ys[upper] += weight * step
+            grid_share[upper] += weight
             if lower != upper:
-                ys[lower] += (1 - weight) * step
-        self.table[batch] = (xs, ys)
+                grid_share[lower] += 1 - weight
+        long_share = min(1.0, _context_weight(context))
+        self.table[batch] = (xs, ys + step * np.outer([1 - long_share, long_share], grid_share))
 
     def _measure_batch(self, batch: int) -> None:
         limit = self._max_drafted(batch)
         grid = [d for d in DRAFTED_TOKENS if d <= limit]
-        seconds = self._measure(batch, grid)
         # latency cannot fall as tokens are added; a lower later reading is noise on the earlier one
-        seconds = np.minimum.accumulate(np.array(seconds)[::-1])[::-1]
-        self.table[batch] = (np.array(grid, dtype=float), seconds)
+        seconds = [np.minimum.accumulate(np.array(self._measure(batch, grid, context))[::-1])[::-1] for context in CONTEXTS]
+        for shorter, longer in zip(seconds, seconds[1:]):
+            if not np.isfinite(longer).all():  # no room in the pool for the longer context: price it as the shorter
+                longer[:] = shorter
+        self.table[batch] = (np.array(grid, dtype=float), np.array(seconds))
         if self.cache_file is not None:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            data = {str(b): list(zip(xs.tolist(), ys.tolist())) for b, (xs, ys) in self.table.items()}
+            data = {str(b): {"contexts": list(CONTEXTS), "drafted": xs.tolist(), "seconds": ys.tolist()} for b, (xs, ys) in self.table.items()}
             self.cache_file.write_text(json.dumps(data))
+
+
+def _context_weight(context: float) -> float:
+    """Where `context` lies from the shortest probed context (0) to the longest (1); beyond, above 1."""
+    return max(0.0, (context - CONTEXTS[0]) / (CONTEXTS[1] - CONTEXTS[0]))

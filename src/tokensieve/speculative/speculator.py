@@ -21,7 +21,11 @@ from .recycling import TokenRecyclingDrafter
 from .tree import DraftTree
 from .verify import accept_path
 
-EXPLORE_EVERY = 32  # forwards; this often a draft (its best node, the Jacobi window) runs even when it does not seem to pay
+EXPLORE_EVERY = 32  # forwards; this often a draft's best node runs even when it does not seem to pay
+# forwards; this often the Jacobi window runs even when it does not seem to pay. Its 12 rows cost more
+# than half a plain step on a CPU, so that exploring it every 32 forwards cost about 4% of decoding
+# speed where it drafted nothing (Spec-Bench on SmolLM2-135M, interleaved A/B in one process).
+LOOKAHEAD_EXPLORE_EVERY = 256
 SEQUENCE_PRIOR_WEIGHT = 8  # observations the shared rates are worth in a sequence's own
 
 
@@ -98,7 +102,7 @@ class Speculator:
             else:
                 self.lookahead = LookaheadDrafter(config.lookahead_ngram, config.lookahead_width)
                 self.drafters.append(self.lookahead)
-        self.lookahead_gain = 1.0  # running mean of tokens per forward only the lookahead pool drafted
+        self.lookahead_gain = 0.0  # running mean of tokens per forward only the lookahead pool drafted
         self.num_forwards = 0
 
     # ---- before prefill ------------------------------------------------------------------------
@@ -141,15 +145,17 @@ class Speculator:
         decoding); `batch` counts every sequence decoding in that forward, speculating or not."""
         self.num_forwards += 1
         trees = [self._tree(seq) for seq in seqs]
-        sizes = self._tree_sizes(trees, batch)
-        branch = self._use_lookahead(seqs, trees, sizes, batch)
+        context = float(np.mean([len(seq.token_ids) for seq in seqs]))
+        sizes = self._tree_sizes(trees, batch, context)
+        branch = self._use_lookahead(seqs, trees, sizes, batch, context)
         for seq, tree, size, with_branch in zip(seqs, trees, sizes, branch):
             if size or with_branch:
                 seq.draft = self._block(seq, tree.pruned(size), with_branch)
 
-    def _tree_sizes(self, trees: list[DraftTree], batch: int) -> list[int]:
+    def _tree_sizes(self, trees: list[DraftTree], batch: int, context: float) -> list[int]:
         """Drafted nodes per tree: all ranked nodes of all trees compete for one forward, and the count
-        kept maximises expected emitted tokens per second (1 + the kept nodes' acceptance chances).
+        kept maximises expected emitted tokens per second (1 + the kept nodes' acceptance chances) at
+        the sequences' mean context.
         Every EXPLORE_EVERY forwards at least the best node is kept, so that the latency and
         acceptance estimates that made speculation stop keep being measured."""
         limit = self.config.max_nodes
@@ -160,7 +166,7 @@ class Speculator:
             key=lambda item: -item[0],
         )
         expected = batch + np.cumsum([0.0] + [value for value, _ in items])
-        seconds = self.latency.seconds(batch, np.arange(len(items) + 1))
+        seconds = self.latency.seconds(batch, np.arange(len(items) + 1), context)
         best = int(np.argmax(expected / seconds))
         if best == 0 and items and self.num_forwards % EXPLORE_EVERY == 0:
             best = 1
@@ -169,18 +175,18 @@ class Speculator:
             sizes[index] += 1
         return sizes
 
-    def _use_lookahead(self, seqs, trees, sizes, batch) -> list[bool]:
+    def _use_lookahead(self, seqs, trees, sizes, batch, context) -> list[bool]:
         """Whether each sequence carries the Jacobi window: always when it is the only drafter; else
         when its measured gain pays for its tokens, and every few forwards to keep measuring."""
         fits = [self._max_depth(seq) > self.lookahead.levels + self.lookahead.width if self.lookahead else False for seq in seqs]
         if self.lookahead is None or len(self.drafters) == 1 or self.latency is None:
             return fits
-        if self.num_forwards % EXPLORE_EVERY == 0:
+        if self.num_forwards % LOOKAHEAD_EXPLORE_EVERY == 0:
             return fits
         drafted = sum(sizes)
         expected = batch + sum(sum(sorted(t.values[1:], reverse=True)[:s]) for t, s in zip(trees, sizes))
         extra = self.lookahead.branch_size * sum(fits)
-        without, with_branch = self.latency.seconds(batch, [drafted, drafted + extra])
+        without, with_branch = self.latency.seconds(batch, [drafted, drafted + extra], context)
         pays = (expected + self.lookahead_gain * sum(fits)) / with_branch > expected / without
         return [f and pays for f in fits]
 
@@ -198,10 +204,11 @@ class Speculator:
         offsets = np.concatenate([block.offsets, self.lookahead.offsets])
         return VerificationBlock(tree, block.tokens + branch.tolist(), offsets, full, block.streak, extra)
 
-    def observe_step(self, batch: int, drafted: int, seconds: float) -> None:
-        """A decode step's real duration (drafting and verification included) refines the latency table."""
+    def observe_step(self, batch: int, drafted: int, context: float, seconds: float) -> None:
+        """A decode step's real duration (drafting and verification included) at the sequences' mean
+        context refines the latency table."""
         if self.latency is not None:
-            self.latency.observe(batch, drafted, seconds)
+            self.latency.observe(batch, drafted, context, seconds)
 
     def _top_tokens(self, logits: torch.Tensor) -> np.ndarray:
         """Each row's greedy token, then (with Token Recycling) its next best, as many as it keeps."""
