@@ -40,7 +40,7 @@ class LatencyTable:
             for batch, entry in json.loads(cache_file.read_text()).items():
                 self.table[int(batch)] = (np.array(entry["drafted"], dtype=float), np.array(entry["seconds"]))
 
-    def seconds(self, batch: int, drafted, context: float = CONTEXTS[0]) -> np.ndarray:
+    def seconds(self, batch: int, drafted, context: float) -> np.ndarray:
         """Interpolated step seconds for each number of drafted tokens (beyond the grid: linear) at a
         context of `context` tokens per sequence."""
         if batch not in self.table:
