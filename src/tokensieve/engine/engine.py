@@ -168,6 +168,8 @@ class LLMEngine:
             seq.draft = None  # a draft the schedule did not take is stale by the next step
         if not schedule.chunks:
             return []
+        if drafted:  # the tokens per sequence before the step, as drafting measures them
+            context = sum(len(c.seq.token_ids) for c in schedule.chunks) / len(schedule.chunks)
         logits, chunk_rows = self.runner.run(schedule.chunks)
         outputs, sampled_seqs, sampled_rows = [], [], []
         for chunk, rows in chunk_rows:
@@ -191,7 +193,6 @@ class LLMEngine:
             outputs += [self._append_tokens(seq, [token]) for seq, token in zip(sampled_seqs, tokens)]
         if drafted and all(c.draft is not None or c.num_tokens == 1 for c in schedule.chunks):
             rows = sum(c.num_tokens for c in schedule.chunks)
-            context = sum(c.seq.num_processed for c in schedule.chunks) / len(schedule.chunks)  # entries per sequence, after the step
             self.speculator.observe_step(len(schedule.chunks), rows - len(schedule.chunks), context, time.perf_counter() - began)
         return outputs
 

@@ -83,11 +83,10 @@ class LatencyTable:
         limit = self._max_drafted(batch)
         grid = [d for d in DRAFTED_TOKENS if d <= limit]
         # latency cannot fall as tokens are added; a lower later reading is noise on the earlier one
-        seconds = [np.minimum.accumulate(np.array(self._measure(batch, grid, context))[::-1])[::-1] for context in CONTEXTS]
-        for shorter, longer in zip(seconds, seconds[1:]):
-            if not np.isfinite(longer).all():  # no room in the pool for the longer context: price it as the shorter
-                longer[:] = shorter
-        self.table[batch] = (np.array(grid, dtype=float), np.array(seconds))
+        short, long = (np.minimum.accumulate(np.array(self._measure(batch, grid, context))[::-1])[::-1] for context in CONTEXTS)
+        if not np.isfinite(long).all():  # no room in the pool for the longer context: price it as the shorter
+            long = short
+        self.table[batch] = (np.array(grid, dtype=float), np.stack([short, long]))
         if self.cache_file is not None:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             data = {str(b): {"contexts": list(CONTEXTS), "drafted": xs.tolist(), "seconds": ys.tolist()} for b, (xs, ys) in self.table.items()}
