@@ -50,9 +50,22 @@ def test_kv_policy_options_are_checked_before_loading(capsys):
     assert "invalid choice: 'lru'" in capsys.readouterr().err
 
 
-def test_int8_activations_that_cannot_run_are_reported_before_loading(capsys):
-    assert cli.main(["generate", "hi", "--activations", "int8", "--dtype", "bfloat16"]) == 2
+@pytest.mark.parametrize("command", [
+    ["generate", "hi"],
+    ["bench", "spec"],
+    ["bench", "speed", "--no-native-kernels", "--dtype", "float32"],
+    ["bench", "longctx"],
+])
+def test_int8_activations_that_cannot_run_are_reported_before_loading(command, capsys):
+    """Every command reports settings that do not fit together as an error, not a traceback."""
+    dtype = [] if "--dtype" in command else ["--dtype", "bfloat16"]
+    assert cli.main(command + ["--activations", "int8"] + dtype) == 2
     assert "activations='int8' runs in the native CPU kernels" in capsys.readouterr().err
+
+
+def test_a_malformed_device_is_reported(capsys):
+    assert cli.main(["generate", "hi", "--device", "gpu0"]) == 2
+    assert "device must be a torch device" in capsys.readouterr().err
 
 
 def test_kv_policy_options_build_the_policy_config():

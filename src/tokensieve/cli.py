@@ -55,22 +55,16 @@ def _speculative(args):
 
     if not args.speculative:
         return None
-    try:
-        return SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_draft_nodes)
-    except ValueError as exc:
-        raise TokensieveError(str(exc)) from None
+    return SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_draft_nodes)
 
 
 def _kv_policy(args):
     from .config import KVPolicyConfig
 
-    try:
-        return KVPolicyConfig(
-            args.kv_policy, budget=args.kv_budget, keep_ratio=args.kv_keep_ratio, allocation=args.kv_allocation,
-            decode_interval=args.kv_decode_interval,
-        )
-    except ValueError as exc:
-        raise TokensieveError(str(exc)) from None
+    return KVPolicyConfig(
+        args.kv_policy, budget=args.kv_budget, keep_ratio=args.kv_keep_ratio, allocation=args.kv_allocation,
+        decode_interval=args.kv_decode_interval,
+    )
 
 
 def _sampling_params(args):
@@ -89,11 +83,8 @@ def _load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        return LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations,
-                   kv_policy=_kv_policy(args), speculative=_speculative(args))
-    except ValueError as exc:  # an engine setting that does not fit (int8 activations without kernels, ...)
-        raise TokensieveError(str(exc)) from None
+    return LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations,
+               kv_policy=_kv_policy(args), speculative=_speculative(args))
 
 
 def _stream(llm, prompt, params, show_stats: bool) -> str:

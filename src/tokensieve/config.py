@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
 from .policies import ALLOCATIONS, POLICIES, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,15 +32,15 @@ class KVPolicyConfig:
     def __post_init__(self):
         policy = make_policy(self.name, self.options, self.seed)  # raises on unknown names or options
         if policy.evicts and (self.budget is None) == (self.keep_ratio is None):
-            raise ValueError(f"KV policy {self.name!r} needs exactly one of budget or keep_ratio")
+            raise ConfigError(f"KV policy {self.name!r} needs exactly one of budget or keep_ratio")
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ValueError(f"budget must be a positive integer, got {self.budget!r}")
+            raise ConfigError(f"budget must be a positive integer, got {self.budget!r}")
         if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+            raise ConfigError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
         if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+            raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.decode_interval is not None and self.decode_interval < 1:
-            raise ValueError(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
+            raise ConfigError(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
 
     @property
     def evicts(self) -> bool:
@@ -76,16 +77,16 @@ class SpeculativeConfig:
         self.drafters = tuple(self.drafters)
         unknown = [name for name in self.drafters if name not in DRAFTERS]
         if unknown or not self.drafters:
-            raise ValueError(f"unknown drafter {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(DRAFTERS)}")
+            raise ConfigError(f"unknown drafter {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(DRAFTERS)}")
         for name in ("max_nodes", "max_depth", "lookup_max_ngram", "recycling_top_k", "lookahead_width"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.recycling_top_k > 64:
-            raise ValueError(f"recycling_top_k must be at most 64, got {self.recycling_top_k}")
+            raise ConfigError(f"recycling_top_k must be at most 64, got {self.recycling_top_k}")
         if not isinstance(self.recycling_seed_tokens, int) or self.recycling_seed_tokens < 0:
-            raise ValueError(f"recycling_seed_tokens must be an integer >= 0, got {self.recycling_seed_tokens!r}")
+            raise ConfigError(f"recycling_seed_tokens must be an integer >= 0, got {self.recycling_seed_tokens!r}")
         if not isinstance(self.lookahead_ngram, int) or self.lookahead_ngram < 2:
-            raise ValueError(f"lookahead_ngram must be an integer >= 2, got {self.lookahead_ngram!r}")
+            raise ConfigError(f"lookahead_ngram must be an integer >= 2, got {self.lookahead_ngram!r}")
 
 
 @dataclass
@@ -109,24 +110,27 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_batched_tokens", "prefill_chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        torch.device(self.device)  # raises on a malformed device string
+            raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
         if self.activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+            raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.activations == "int8" and not self.wants_native_kernels:
-            raise ValueError(
+            raise ConfigError(
                 "activations='int8' runs in the native CPU kernels: it needs native_kernels=True, dtype float32 "
                 f"and a CPU device (got native_kernels={self.native_kernels}, dtype {self.dtype}, device {self.device})"
             )
         if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
-            raise ValueError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
+            raise ConfigError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
-            raise ValueError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
+            raise ConfigError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
 
     @property
     def wants_native_kernels(self) -> bool:

@@ -11,3 +11,7 @@ class ModelLoadError(TokensieveError):
 
 class RequestError(TokensieveError, ValueError):
     """A request is invalid (empty prompt, too long, bad sampling values); the engine is unaffected."""
+
+
+class ConfigError(TokensieveError, ValueError):
+    """An engine, KV-policy or speculative setting is invalid, or settings do not fit together."""

@@ -8,7 +8,7 @@ import torch
 
 from .config import EngineConfig
 from .engine.engine import LLMEngine
-from .errors import RequestError
+from .errors import ConfigError, RequestError
 from .outputs import RequestOutput
 from .prompts import context_question_ids
 from .sampling_params import SamplingParams
@@ -32,7 +32,7 @@ class LLM:
     def with_options(self, **engine_options) -> "LLM":
         """A new LLM with other engine settings (pool size, chunking...) sharing these weights."""
         if {"dtype", "device", "native_kernels", "activations"} & engine_options.keys():
-            raise ValueError(
+            raise ConfigError(
                 "with_options shares the loaded weights: load the model again to change dtype, device, "
                 "native_kernels or activations"
             )

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from ..config import SpeculativeConfig
-from ..errors import TokensieveError
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .hf_baseline import load_hf_model
@@ -116,14 +115,8 @@ def markdown(summary: dict, command: str) -> str:
 def run_spec_benchmark(args) -> dict:
     torch.set_num_threads(args.threads)
     prompts = load_prompts(Path(args.questions), args.per_category)
-    try:
-        config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes)
-    except ValueError as exc:
-        raise TokensieveError(str(exc)) from None
-    try:
-        plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations)
-    except ValueError as exc:
-        raise TokensieveError(str(exc)) from None
+    config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes)
+    plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations)
     spec = plain.with_options(speculative=config)
     hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .accumulated import A2SF, H2O, Keyformer
 from .base import EntryView, KVPolicy
 from .budget import ALLOCATIONS, keep_mask, layer_budgets, ratio_budget
@@ -14,13 +15,13 @@ POLICIES: dict[str, type[KVPolicy]] = {
 
 
 def make_policy(name: str, options: dict | None = None, seed: int = 0) -> KVPolicy:
-    """Build a policy by name; unknown names or options raise ValueError saying what is accepted."""
+    """Build a policy by name; unknown names or bad options raise ConfigError saying what is accepted."""
     if name not in POLICIES:
-        raise ValueError(f"unknown KV policy {name!r}; known policies: {', '.join(POLICIES)}")
+        raise ConfigError(f"unknown KV policy {name!r}; known policies: {', '.join(POLICIES)}")
     try:
         return POLICIES[name](**(options or {}), seed=seed)
-    except TypeError as exc:
-        raise ValueError(f"bad options for KV policy {name!r}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad options for KV policy {name!r}: {exc}") from None
 
 
 __all__ = [
