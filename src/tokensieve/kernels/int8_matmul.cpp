@@ -14,10 +14,10 @@
 
 namespace {
 
-constexpr int kBlock = 32;
+using namespace gguf;
+
 constexpr int kLanes = 16;     // outputs per group
 constexpr int kMostRows = 12;  // rows per pass over a group's weights
-enum Kind { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 
 // Bytes of one block of one group: 16 outputs x 32 weights, as bytes (Q8_0, offset by 128 to be
 // unsigned) or as nibbles (Q4_0, Q4_1: the low nibbles are weights 0..15, the high ones 16..31).

@@ -1,6 +1,13 @@
 #pragma once
 #include <torch/extension.h>
 
+// GGUF's quantized blocks, as the matmul kernels take them: 32 weights each, of one of these kinds
+// (the ids models/quantized.py passes).
+namespace gguf {
+constexpr int kBlock = 32;
+enum Kind { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+}  // namespace gguf
+
 torch::Tensor quantized_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
                                int64_t kind);
 torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins,

@@ -11,9 +11,9 @@
 
 namespace {
 
-constexpr int kBlock = 32;
+using namespace gguf;
+
 constexpr int kMaxRows = 64;
-enum Kind { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
