@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--drafters", default="lookup,recycling")
+    parser.add_argument("--recycling-slots", type=int, default=SpeculativeConfig.recycling_slots,
+                        help="nodes of Token Recycling's static tree")
     parser.add_argument(
         "--target", type=float, default=1.6, help="decode speedup (first token left out) to price a drafted token for"
     )
@@ -46,7 +48,9 @@ def main() -> None:
     curve: dict[int, dict[str, float]] = {}
     speedup: dict[int, float] = {}
     for nodes in args.nodes:
-        spec = plain.with_options(speculative=SpeculativeConfig(drafters=args.drafters, max_nodes=nodes, tune=False))
+        spec = plain.with_options(speculative=SpeculativeConfig(
+            drafters=args.drafters, max_nodes=nodes, tune=False, recycling_slots=args.recycling_slots
+        ))
         emitted, forwards, decode_s = defaultdict(int), defaultdict(int), 0.0
         for (category, ids), (reference, *_) in zip(requests, plain_runs):
             tokens, seconds, first_s, decode_forwards = _run_ours(spec, ids, params)

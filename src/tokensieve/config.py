@@ -67,6 +67,7 @@ class SpeculativeConfig:
     tune: bool = True
     lookup_max_ngram: int = 3
     recycling_top_k: int = 8
+    recycling_slots: int = 20  # nodes of Token Recycling's static tree, before the tuner prunes it
     recycling_seed_tokens: int = 128  # the prompt's last tokens whose logits seed the successor matrix
     lookahead_ngram: int = 4
     lookahead_width: int = 4
@@ -78,7 +79,7 @@ class SpeculativeConfig:
         unknown = [name for name in self.drafters if name not in DRAFTERS]
         if unknown or not self.drafters:
             raise ConfigError(f"unknown drafter {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(DRAFTERS)}")
-        for name in ("max_nodes", "max_depth", "lookup_max_ngram", "recycling_top_k", "lookahead_width"):
+        for name in ("max_nodes", "max_depth", "lookup_max_ngram", "recycling_top_k", "recycling_slots", "lookahead_width"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.recycling_top_k > 64:

@@ -97,7 +97,7 @@ class Speculator:
             if name == "lookup":
                 self.drafters.append(PromptLookupDrafter(config.lookup_max_ngram))
             elif name == "recycling":
-                self.recycling = TokenRecyclingDrafter(vocab_size, config.recycling_top_k)
+                self.recycling = TokenRecyclingDrafter(vocab_size, config.recycling_top_k, config.recycling_slots)
                 self.drafters.append(self.recycling)
             else:
                 self.lookahead = LookaheadDrafter(config.lookahead_ngram, config.lookahead_width)
