@@ -67,7 +67,10 @@ class SpeculativeConfig:
     tune: bool = True
     lookup_max_ngram: int = 3
     recycling_top_k: int = 8
-    recycling_slots: int = 20  # nodes of Token Recycling's static tree, before the tuner prunes it
+    # nodes of Token Recycling's static tree, before the tuner prunes it; 20, not the paper's 80: trees
+    # kept at 4-16 nodes emitted as many tokens per forward with 20 as with 40 or 80 on Spec-Bench
+    # (benchmarks/scripts/acceptance_curve.py --recycling-slots), and each slot costs drafting time every step
+    recycling_slots: int = 20
     recycling_seed_tokens: int = 128  # the prompt's last tokens whose logits seed the successor matrix
     lookahead_ngram: int = 4
     lookahead_width: int = 4

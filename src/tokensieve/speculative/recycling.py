@@ -32,10 +32,7 @@ def static_tree(num_nodes: int, max_depth: int, top_k: int) -> list[tuple[int, i
 class TokenRecyclingDrafter:
     name = "recycling"
 
-    def __init__(self, vocab_size: int, top_k: int = 8, num_nodes: int = 20, max_depth: int = 6):
-        # 20 slots, not the paper's 80: trees kept at 4-16 nodes emitted as many tokens per forward with
-        # 20 as with 40 or 80 on Spec-Bench (acceptance_curve.py --recycling-slots), and each slot costs
-        # drafting time every step
+    def __init__(self, vocab_size: int, top_k: int, num_nodes: int, max_depth: int = 6):
         self.top_k = top_k
         self.successors = np.zeros((vocab_size, top_k), dtype=np.int64)
         self.known = np.zeros(vocab_size, dtype=bool)
