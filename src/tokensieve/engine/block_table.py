@@ -72,11 +72,13 @@ class BlockTable:
         Returns the (source, destination) slots to move and the block ids no longer needed."""
         start = self.lengths - num_appended
         moved = np.nonzero(kept != np.arange(len(kept)))[0]
-        layer, head = np.indices(start.shape)
-        layer, head, start = layer[..., None], head[..., None], start[..., None]
-        source = self.slots(layer, head, start + kept[moved]).ravel()
-        destination = self.slots(layer, head, start + moved).ravel()
-        return source, destination, self._shorten(start[..., 0] + len(kept))
+        source = destination = np.empty(0, dtype=np.int64)
+        if len(moved):  # else the path is the block's first entries, already in place
+            layer, head = np.indices(start.shape)
+            layer, head, first = layer[..., None], head[..., None], start[..., None]
+            source = self.slots(layer, head, first + kept[moved]).ravel()
+            destination = self.slots(layer, head, first + moved).ravel()
+        return source, destination, self._shorten(start + len(kept))
 
     def _shorten(self, lengths: np.ndarray) -> list[int]:
         """Set the new (shorter) lengths; returns the ids of the blocks no longer needed."""

@@ -36,6 +36,7 @@ class LatencyTable:
         self._max_drafted = max_drafted
         self.cache_file = cache_file
         self.table: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # batch -> (grid, seconds [contexts, grid])
+        self._monotone: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # batch -> what _curves derives
         if cache_file is not None and cache_file.exists():
             for batch, entry in json.loads(cache_file.read_text()).items():
                 self.table[int(batch)] = (np.array(entry["drafted"], dtype=float), np.array(entry["seconds"]))
@@ -43,16 +44,27 @@ class LatencyTable:
     def seconds(self, batch: int, drafted, context: float) -> np.ndarray:
         """Interpolated step seconds for each number of drafted tokens (beyond the grid: linear) at a
         context of `context` tokens per sequence."""
+        xs, curves, slopes = self._curves(batch)
+        drafted = np.asarray(drafted, dtype=float)
+        beyond = drafted > xs[-1]
+        evaluated = [np.interp(drafted, xs, curve) for curve in curves]
+        if beyond.any():
+            for curve, slope, values in zip(curves, slopes, evaluated):
+                values[beyond] = curve[-1] + slope * (drafted[beyond] - xs[-1])
+        short, long = np.maximum.accumulate(evaluated)  # nor as the context grows
+        return short + _context_weight(context) * (long - short)
+
+    def _curves(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The grid, each context's curve made non-decreasing (latency cannot fall as tokens are
+        added), and each curve's slope beyond the grid; kept until the table moves."""
         if batch not in self.table:
             self._measure_batch(batch)
-        xs, ys = self.table[batch]
-        drafted = np.asarray(drafted, dtype=float)
-        curves = []
-        for curve in np.maximum.accumulate(ys, axis=1):  # latency cannot fall as tokens are added
-            slope = (curve[-1] - curve[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
-            curves.append(np.where(drafted <= xs[-1], np.interp(drafted, xs, curve), curve[-1] + slope * (drafted - xs[-1])))
-        short, long = np.maximum.accumulate(curves)  # nor as the context grows
-        return short + _context_weight(context) * (long - short)
+        if batch not in self._monotone:
+            xs, ys = self.table[batch]
+            curves = np.maximum.accumulate(ys, axis=1)
+            slopes = (curves[:, -1] - curves[:, -2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else np.zeros(len(curves))
+            self._monotone[batch] = (xs, curves, slopes)
+        return self._monotone[batch]
 
     def observe(self, batch: int, drafted: int, context: float, seconds: float) -> None:
         """Move the table a STEP toward a measured step. A plain step moves the whole curve (what makes
@@ -78,6 +90,7 @@ class LatencyTable:
                 grid_share[lower] += 1 - weight
         long_share = min(1.0, _context_weight(context))
         self.table[batch] = (xs, ys + step * np.outer([1 - long_share, long_share], grid_share))
+        self._monotone.pop(batch, None)
 
     def _measure_batch(self, batch: int) -> None:
         limit = self._max_drafted(batch)

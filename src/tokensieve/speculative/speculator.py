@@ -161,10 +161,9 @@ class Speculator:
         limit = self.config.max_nodes
         if self.latency is None:
             return [min(limit, tree.num_drafted) for tree in trees]
-        items = sorted(
-            ((tree.values[node], index) for index, tree in enumerate(trees) for node in tree.ranked()[:limit]),
-            key=lambda item: -item[0],
-        )
+        items = [(tree.values[node], index) for index, tree in enumerate(trees) for node in tree.ranked()[:limit]]
+        if len(trees) > 1:  # each tree's nodes are ranked already
+            items.sort(key=lambda item: -item[0])
         expected = batch + np.cumsum([0.0] + [value for value, _ in items])
         seconds = self.latency.seconds(batch, np.arange(len(items) + 1), context)
         best = int(np.argmax(expected / seconds))
