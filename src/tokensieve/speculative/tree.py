@@ -58,9 +58,8 @@ class DraftTree:
         """The keys the node's acceptance is credited to: each proposing source's key, marked with
         whether another source proposed the same token (sources that agree are right far more often
         than either alone, so a source's rate is kept apart for the two cases)."""
-        keys = self.keys[node]
-        agreed = any(key[0] != keys[0][0] for key in keys[1:])
-        return [key + (agreed,) for key in keys]
+        agreed = len({key[0] for key in self.keys[node]}) > 1
+        return [key + (agreed,) for key in self.keys[node]]
 
     def value(self, rate) -> None:
         """Estimate every node's chance of acceptance: its parent's times the best rate(key) of its
