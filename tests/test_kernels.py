@@ -205,6 +205,12 @@ def test_layer_ops_match_pytorch(kernels):
     qk = qkv[:, : 12 * 64].view(9, 12, 64)  # a strided view, as the model passes it
     cos, sin = RotaryEmbedding(64, 4096, 10000.0, None)(torch.randint(0, 4096, (9,), generator=generator), torch.float32)
     assert torch.equal(kernels.rotary(qk, cos, sin), apply_rotary(qk, cos, sin))  # the same arithmetic, bit for bit
+    for width in (1536, 40):  # vectors only, and vectors then a scalar tail
+        gate_up = torch.randn(9, 2 * width, generator=generator) * 8
+        gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])  # e^-g overflows, underflows, is 1
+        gate, up = gate_up.chunk(2, dim=-1)
+        assert torch.allclose(kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+        assert torch.equal(kernels.silu_mul(gate_up[3:5]), kernels.silu_mul(gate_up)[3:5])  # a row alone, bit for bit
     native, plain = (KVPool(8, 16, 64, torch.float32, torch.device("cpu"), k) for k in (kernels, None))
     slots = torch.randperm(8 * 16, generator=generator)[:27].view(9, 3)
     keys, values = qk[:, 9:], qkv[:, 12 * 64 :].view(9, 3, 64)

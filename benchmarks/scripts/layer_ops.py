@@ -1,4 +1,4 @@
-"""Plain greedy decoding with the native layer ops (RMSNorm, rotary, KV store: kernels/layer_ops.cpp)
+"""Plain greedy decoding with the native layer ops (RMSNorm, rotary, SwiGLU, KV store: kernels/layer_ops.cpp)
 and with their PyTorch versions, alternated request by request in one process; prints each side's
 median decode tokens/s and their ratio:
 
@@ -12,13 +12,13 @@ import torch
 
 from tokensieve import LLM
 from tokensieve.bench.spec import _run_ours
-from tokensieve.models.llama import Attention, RMSNorm
+from tokensieve.models.llama import Attention, RMSNorm, SwiGLU
 from tokensieve.sampling_params import SamplingParams
 
 
 def use_layer_ops(llm: LLM, kernels) -> None:
     for module in llm.engine.model.modules():
-        if isinstance(module, (RMSNorm, Attention)):
+        if isinstance(module, (RMSNorm, Attention, SwiGLU)):
             module.kernels = kernels
     llm.engine.pool.kernels = kernels
 

@@ -15,7 +15,8 @@ from ..cache import cache_root
 
 KERNEL_DIR = Path(__file__).parent
 SOURCES = (
-    "kernels.h", "bindings.cpp", "qmatmul.cpp", "int8_matmul.cpp", "paged_attention.cpp", "top_tokens.cpp", "layer_ops.cpp"
+    "kernels.h", "vector_math.h", "bindings.cpp", "qmatmul.cpp", "int8_matmul.cpp", "paged_attention.cpp", "top_tokens.cpp",
+    "layer_ops.cpp",
 )
 
 
@@ -37,7 +38,7 @@ def kernels_take(kernels, x) -> bool:
 @functools.cache
 def native_kernels():
     """The compiled extension (quantized_matmul, int8_matmul, paged_scores, paged_softmax_values, top_tokens,
-    rms_norm, rotary, store_kv), or None where it cannot be built; TOKENSIEVE_NO_KERNELS=1 turns it off."""
+    rms_norm, rotary, silu_mul, store_kv), or None where it cannot be built; TOKENSIEVE_NO_KERNELS=1 turns it off."""
     if os.environ.get("TOKENSIEVE_NO_KERNELS"):
         return None
     try:

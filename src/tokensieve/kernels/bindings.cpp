@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_softmax_values", &paged_softmax_values, "softmax of the scores times v over the stored entries, read in place");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim");
   m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin for x [tokens, heads, dim]");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [rows, 2 * intermediate] (gate first)");
   m.def("store_kv", &store_kv, "write keys and values [tokens, kv_heads, dim] to their flat slots in the block pools");
   m.def("top_tokens", &top_tokens, "the k largest logits of each row as token ids, best first, ties to the lower id");
 }

@@ -21,5 +21,6 @@ torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_poo
 torch::Tensor top_tokens(torch::Tensor logits, int64_t k);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor silu_mul(torch::Tensor gate_up);
 void store_kv(torch::Tensor key_pool, torch::Tensor value_pool, torch::Tensor slots, torch::Tensor keys,
               torch::Tensor values);

@@ -6,7 +6,11 @@
 // rotary:    x * cos + rotate_half(x) * sin, the same products and sum PyTorch computes (this file
 //            is built without contracting them into fused multiply-adds), so bit for bit the same.
 // store_kv:  new keys and values written to their flat slots in the block pool (keys dimension-major).
+// silu_mul:  silu(gate) * up from the fused gate/up projection's output, without PyTorch's copies of
+//            its strided halves (silu(g) = g / (1 + e^-g), e^x as in the attention kernel).
 #include "kernels.h"
+#include "vector_math.h"
+#include <ATen/Parallel.h>
 #include <cmath>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -94,4 +98,33 @@ void store_kv(torch::Tensor key_pool, torch::Tensor value_pool, torch::Tensor sl
     for (int64_t d = 0; d < dim; ++d) key_column[d * block_size] = k[d];
     std::copy(v, v + dim, vp + slot[i] * dim);
   }
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == torch::kFloat32 && gate_up.size(1) % 2 == 0,
+              "gate_up must be float32 [rows, 2 * intermediate]");
+  auto in = gate_up.contiguous();
+  const int64_t rows = in.size(0), width = in.size(1) / 2;
+  auto out = torch::empty({rows, width}, in.options());
+  const float* ip = in.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // rows split across threads only when there are enough of them (a prefill, not a decode step)
+  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = ip + r * 2 * width;
+      const float* up = gate + width;
+      float* o = op + r * width;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= width; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp_lanes(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(silu, _mm512_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < width; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    }
+  });
+  return out;
 }

@@ -18,6 +18,7 @@
 // repeating its first row. The tree's own entries are the last block_rows[b] of each head, and slot s
 // sees entry t of them only if block_visibility[b][s][t] (a node sees its ancestors, not its siblings).
 #include "kernels.h"
+#include "vector_math.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -108,21 +109,6 @@ inline void run_scores_any(const float* const* queries, int64_t nq, const float*
 }
 
 #if defined(__AVX512F__)
-// e^x lane by lane (Cephes' expf: x = n ln 2 + r, a degree-7 polynomial in r, times 2^n), one
-// function for every lane so that a value's exponential does not depend on its neighbours; e^-inf = 0.
-inline __m512 exp_lanes(__m512 x) {
-  const __mmask16 finite = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-std::numeric_limits<float>::infinity()), _CMP_NEQ_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // e^-104 is below the smallest float: the result is 0 all the same
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(finite, _mm512_scalef_ps(p, n));
-}
-
 // The n <= 16 scores at s in the first lanes, -inf in the others.
 inline __m512 load_scores(const float* s, int64_t n) {
   return _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), static_cast<__mmask16>((1u << n) - 1), s);

@@ -6,8 +6,8 @@ The model never sees the KV cache: each layer hands its new q, k, v to `attentio
 which stores k and v and returns the attention output (see engine/attention.py).
 q/k/v and gate/up are fused into single matrices, and each residual add is fused into the
 output projection (addmm): on a CPU, decoding one token is dominated by per-op overhead. For the
-same reason RMSNorm and the rotary embedding run as one native call each when the loader hands
-them the kernels (kernels/layer_ops.cpp).
+same reason RMSNorm, the rotary embedding and SwiGLU's silu(gate) * up run as one native call each
+when the loader hands them the kernels (kernels/layer_ops.cpp).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    kernels = None  # the native kernels (silu_mul), set by the loader
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
@@ -103,7 +105,10 @@ class SwiGLU(nn.Module):
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, before the down projection."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if kernels_take(self.kernels, gate_up):
+            return self.kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
 

@@ -10,7 +10,7 @@ import torch
 from ..cache import cache_root
 from ..errors import ModelLoadError
 from ..models.config import ModelConfig
-from ..models.llama import Attention, LlamaModel, RMSNorm
+from ..models.llama import Attention, LlamaModel, RMSNorm, SwiGLU
 from ..models.int8_weight import Int8Weight
 from ..models.quantized import QuantizedWeight
 from .gguf_file import read_gguf
@@ -110,7 +110,7 @@ def load_model(
     if kernels is None:
         return net
     for module in net.modules():
-        if isinstance(module, (RMSNorm, Attention)):
+        if isinstance(module, (RMSNorm, Attention, SwiGLU)):
             module.kernels = kernels
     native = _fused_quantized(cfg, quantized)
     if activations == "int8" and not native:
