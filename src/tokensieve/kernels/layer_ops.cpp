@@ -6,11 +6,13 @@
 // rotary:    x * cos + rotate_half(x) * sin, the same products and sum PyTorch computes (this file
 //            is built without contracting them into fused multiply-adds), so bit for bit the same.
 // store_kv:  new keys and values written to their flat slots in the block pool (keys dimension-major).
-// silu_mul:  silu(gate) * up from the fused gate/up projection's output, without PyTorch's copies of
-//            its strided halves (silu(g) = g / (1 + e^-g), e^x as in the attention kernel).
+// silu_mul:  silu(gate) * up from the fused gate/up projection's output, one pass over its two
+//            halves instead of PyTorch's chunk, silu and multiply (silu(g) = g / (1 + e^-g), with
+//            the attention kernel's e^x: within 1e-6 of PyTorch's, not bit for bit).
 #include "kernels.h"
 #include "vector_math.h"
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #if defined(__AVX512F__)
 #include <immintrin.h>
