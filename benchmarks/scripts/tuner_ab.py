@@ -1,7 +1,9 @@
 """The tuner beside fixed tree sizes, decoding the same prompts in turn in one process: plain
-decoding, the default tuned fused drafter, the tuner without Jacobi lookahead, and fixed trees
-(prompt lookup + Token Recycling, the tuner off). Prints decode speedup over plain (first token left
-out) and tokens per forward; every output is checked against plain decoding.
+decoding, the default tuned fused drafter (prompt lookup + Token Recycling), the same with Jacobi
+lookahead added, and fixed trees (prompt lookup + Token Recycling, the tuner off). Each prompt runs
+the systems in another order (a rotation), so that no system always follows the same one. Prints
+decode speedup over plain (first token left out) and tokens per forward; every output is checked
+against plain decoding.
 
     .venv/bin/python benchmarks/scripts/tuner_ab.py --activations int8 --per-category 2 --fixed 4
 """
@@ -13,7 +15,7 @@ import torch
 
 from tokensieve import LLM
 from tokensieve.bench.spec import QUESTIONS, _run_ours, load_prompts
-from tokensieve.config import SpeculativeConfig
+from tokensieve.config import DRAFTERS, SpeculativeConfig
 from tokensieve.sampling_params import SamplingParams
 
 
@@ -30,24 +32,27 @@ def main() -> None:
     plain = LLM(args.model, activations=args.activations)
     systems = {
         "plain": plain,
-        "tuned, all drafters": plain.with_options(speculative=SpeculativeConfig()),
-        "tuned, no lookahead": plain.with_options(speculative=SpeculativeConfig(drafters="lookup,recycling")),
+        "tuned (default)": plain.with_options(speculative=SpeculativeConfig()),
+        "tuned, with lookahead": plain.with_options(speculative=SpeculativeConfig(drafters=DRAFTERS)),
     }
     for n in args.fixed:
         systems[f"fixed {n}"] = plain.with_options(speculative=SpeculativeConfig(drafters="lookup,recycling", max_nodes=n, tune=False))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     decode_s, emitted, forwards = defaultdict(float), defaultdict(int), defaultdict(int)
-    for prompt in load_prompts(QUESTIONS, args.per_category):
+    names = list(systems)
+    for index, prompt in enumerate(load_prompts(QUESTIONS, args.per_category)):
         ids = plain.encode([{"role": "user", "content": prompt["text"]}])
-        reference = None
-        for name, llm in systems.items():
-            tokens, seconds, first_s, decode_forwards = _run_ours(llm, ids, params)
-            reference = tokens if reference is None else reference
-            if tokens != reference:
-                raise SystemExit(f"{name}: output differs from plain decoding on question {prompt['id']}")
+        outputs = {}
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            tokens, seconds, first_s, decode_forwards = _run_ours(systems[name], ids, params)
+            outputs[name] = tokens
             decode_s[name] += seconds - first_s
             emitted[name] += len(tokens) - 1
             forwards[name] += decode_forwards
+        for name, tokens in outputs.items():
+            if tokens != outputs["plain"]:
+                raise SystemExit(f"{name}: output differs from plain decoding on question {prompt['id']}")
     print(f"{args.activations} activations, {args.per_category} prompt(s) per category, {args.max_tokens} tokens")
     print("| system | decode vs plain | tokens per forward |")
     print("|---|---:|---:|")

@@ -43,10 +43,12 @@ def _add_kv_policy_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_speculative_options(parser: argparse.ArgumentParser) -> None:
-    from .config import DRAFTERS
+    from .config import DEFAULT_DRAFTERS, DRAFTERS
 
     parser.add_argument("--speculative", action="store_true", help="model-free speculative decoding (lossless)")
-    parser.add_argument("--drafters", default=",".join(DRAFTERS), help=f"comma-separated, of: {', '.join(DRAFTERS)}")
+    parser.add_argument(
+        "--drafters", default=",".join(DEFAULT_DRAFTERS), help=f"comma-separated, of: {', '.join(DRAFTERS)}"
+    )
     parser.add_argument("--max-draft-nodes", type=int, default=32, help="drafted tokens per forward, at most")
 
 
@@ -198,12 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     spec = bench_sub.add_parser("spec", help="speculative decoding on Spec-Bench beside plain decoding and HF prompt lookup")
     _add_model_options(spec)
     from .bench.spec import QUESTIONS
-    from .config import DRAFTERS
+    from .config import DEFAULT_DRAFTERS, DRAFTERS
 
     spec.add_argument("--questions", default=str(QUESTIONS), help="Spec-Bench question.jsonl")
     spec.add_argument("--per-category", type=int, default=10, help="prompts per category (the first ones)")
     spec.add_argument("--max-tokens", type=int, default=256)
-    spec.add_argument("--drafters", default=",".join(DRAFTERS))
+    spec.add_argument("--drafters", default=",".join(DEFAULT_DRAFTERS), help=f"comma-separated, of: {', '.join(DRAFTERS)}")
     spec.add_argument("--max-nodes", type=int, default=32)
     spec.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens")
     spec.add_argument("--no-transformers", action="store_true", help="skip transformers generate")

@@ -53,6 +53,10 @@ class KVPolicyConfig:
 
 
 DRAFTERS = ("lookup", "recycling", "lookahead")
+# The Jacobi lookahead pool is opt-in: on Spec-Bench with SmolLM2-135M on a 2-core CPU it drafted
+# nothing the other two did not, and decoding was about 4% faster without it (interleaved A/B in one
+# process: benchmarks/scripts/tuner_ab.py). Where extra rows are nearly free (a GPU) it may pay.
+DEFAULT_DRAFTERS = ("lookup", "recycling")
 
 
 @dataclass
@@ -61,7 +65,7 @@ class SpeculativeConfig:
     With `tune`, each step keeps the nodes (up to max_nodes) that maximise expected tokens per second
     under the forward latency measured on this machine; without, it always keeps max_nodes."""
 
-    drafters: tuple[str, ...] = DRAFTERS
+    drafters: tuple[str, ...] = DEFAULT_DRAFTERS
     max_nodes: int = 32  # drafted nodes per sequence and forward, at most
     max_depth: int = 8
     tune: bool = True
