@@ -143,21 +143,24 @@ def cmd_chat(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    args.command_line = "tokensieve " + " ".join(sys.argv[1:])
     if args.bench == "spec":
         from .bench.spec import run_spec_benchmark
 
-        args.command_line = "tokensieve " + " ".join(sys.argv[1:])
         run_spec_benchmark(args)
-        return
-    if args.bench == "longctx":
+    elif args.bench == "longctx":
         from .bench.longctx import run_longctx_benchmark
 
-        args.command_line = "tokensieve " + " ".join(sys.argv[1:])
         run_longctx_benchmark(args)
-        return
-    from .bench.speed import run_speed_benchmark
+    elif args.bench == "speed":
+        from .bench.speed import run_speed_benchmark
 
-    run_speed_benchmark(args)
+        run_speed_benchmark(args)
+    else:
+        from .bench.report import rewrite_report
+
+        for path in rewrite_report(args.folder):
+            print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,14 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s beside transformers")
     _add_model_options(speed)
     speed.add_argument("--prefill-lengths", type=int, nargs="+", default=[512, 2048])
-    speed.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    speed.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     speed.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     speed.add_argument("--decode-tokens", type=int, default=32)
     speed.add_argument("--repeats", type=int, default=2)
     speed.add_argument("--kv-cache-bytes", type=int, default=4 * 1024**3)
     speed.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
                        help="plain PyTorch only (to measure what the C++ kernels bring)")
-    speed.add_argument("--json", default=None, help="also write the results to this file")
+    speed.add_argument("--out", default="benchmarks/speed", help="folder for speed.json, speed_cases.jsonl, speed.md and speed.png")
     speed.set_defaults(func=cmd_bench, threads=2)
     add_longctx_parser(bench_sub, _add_model_options)
     bench_sub.choices["longctx"].set_defaults(func=cmd_bench)
@@ -209,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--max-nodes", type=int, default=32)
     spec.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens")
     spec.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
-    spec.add_argument("--out", default="benchmarks/spec", help="folder for spec.json, spec.md and spec_cases.jsonl")
+    spec.add_argument("--out", default="benchmarks/spec", help="folder for spec.json, spec_cases.jsonl, spec.md and spec.png")
     spec.set_defaults(func=cmd_bench, threads=2)
+    report = bench_sub.add_parser("report", help="write a recorded run's Markdown table and plot again from its JSON")
+    report.add_argument("folder", help="a benchmark's output folder (holding speed.json, spec.json or longctx.json)")
+    report.set_defaults(func=cmd_bench)
     return parser
 
 

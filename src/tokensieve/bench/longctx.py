@@ -4,7 +4,6 @@ beside transformers with a full cache and kvpress's presses, on the same cases i
 from __future__ import annotations
 
 import json
-import platform
 import re
 import time
 from dataclasses import asdict
@@ -13,9 +12,11 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES, KVPolicyConfig
-from .longctx_report import summarize, write_markdown, write_plot
+from .longctx_report import summarize, write_report
 from .longctx_systems import OursSystem, TransformersSystem, score
 from .longctx_tasks import CaseMaker
+from .plotting import require_matplotlib
+from .provenance import run_info
 
 
 def peak_rss_bytes() -> int | None:
@@ -61,7 +62,9 @@ def run_longctx_benchmark(args) -> dict:
     from ..llm import LLM
     from .hf_baseline import load_hf_model
 
+    require_matplotlib()
     torch.set_num_threads(args.threads)
+    info = run_info(args)  # before the run: the commit and machine that ran it
     llm = LLM(
         args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_cache_bytes=args.kv_cache_bytes,
         prefill_chunk_size=args.prefill_chunk_size, max_batched_tokens=max(2048, args.prefill_chunk_size),
@@ -95,15 +98,11 @@ def run_longctx_benchmark(args) -> dict:
                 partial.write(json.dumps(rows[-1]) + "\n")
                 partial.flush()
                 progress.update()
-    result = {
-        "command": args.command_line,
+    result = info | {
         "setting": "query-aware" if args.query_aware else "query-agnostic",
-        "model": args.model, "threads": args.threads, "prefill_chunk_size": args.prefill_chunk_size, "seed": args.seed, "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "seconds": round(time.perf_counter() - started, 1),
+        "prefill_chunk_size": args.prefill_chunk_size, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
         "summary": summarize(rows), "cases": rows,
     }
-    (out / "longctx.json").write_text(json.dumps(result, indent=1))
-    write_markdown(result, out / "longctx.md")
-    write_plot(result, out / "longctx.png")
+    write_report(result, out)
     print((out / "longctx.md").read_text())
     return result

@@ -1,10 +1,15 @@
-"""Summaries of `bench longctx` results: a table per task and length, and accuracy against KV bytes."""
+"""`bench longctx` results summarised and written out: JSON, a table per task and length, and a plot
+of accuracy against KV bytes per method."""
 
 from __future__ import annotations
 
+import json
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
+
+from .plotting import caption, pyplot, save
 
 MIB = 1024**2
 BASELINE = ("transformers", "full")
@@ -45,14 +50,13 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def write_markdown(result: dict, path: Path) -> None:
+def markdown(result: dict) -> str:
     lines = [
-        f"# bench longctx ({result['setting']})", "",
-        f"`{result['command']}`", "",
-        f"model {result['model']}, {result['threads']} threads, seed {result['seed']}, torch {result['torch']}, "
-        f"prefill chunk {result['prefill_chunk_size']} tokens (ours compresses after each), "
-        f"{result['seconds']} s in all. KV x full: KV bytes held while decoding over transformers' full cache on "
-        "the same case. Decode x HF: decode tokens/s over transformers' full cache in the same run.", "",
+        f"Command: `{result['command']}`", "",
+        f"{caption(result)}; {result['setting']}; commit {result['commit']}, {result['date']}, torch {result['torch']}, "
+        f"transformers {result['transformers']}; seed {result['seed']}, prefill chunk {result['prefill_chunk_size']} tokens "
+        f"(ours compresses after each), {result['seconds']} s in all. KV x full: KV bytes held while decoding over "
+        "transformers' full cache on the same case. Decode x HF: decode tokens/s over transformers' full cache in the same run.", "",
     ]
     by_table = defaultdict(list)
     for entry in result["summary"]:
@@ -60,7 +64,7 @@ def write_markdown(result: dict, path: Path) -> None:
     for (length, task), entries in sorted(by_table.items()):
         metric = "perplexity" if task == "perplexity" else "accuracy"
         lines += [
-            f"## {task}, {length} tokens ({entries[0]['cases']} cases)", "",
+            f"### {task}, {length} tokens ({entries[0]['cases']} cases)", "",
             f"| system | method | {metric} | prefill s | decode tok/s | decode x HF | KV MiB | KV x full | KV peak MiB | peak RSS MiB |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -74,7 +78,7 @@ def write_markdown(result: dict, path: Path) -> None:
                 f"{_fmt(e['peak_rss_bytes'] and e['peak_rss_bytes'] / MIB, '.0f')} |"
             )
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -87,36 +91,73 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _place_labels(ax, labels: list[tuple[tuple[float, float], str, str]], line_px: float = 11, width_px: float = 260) -> None:
+    """Write each (point, text, color) label beside its point; a label that would overlap one
+    already written (nearby, higher up) moves down below it."""
+    points_per_px = 72 / ax.figure.dpi
+    placed: list[tuple[float, float]] = []
+    for (x, y), text, color in sorted(labels, key=lambda label: -label[0][1]):
+        px, py = ax.transData.transform((x, y))
+        top = py + 4
+        while any(abs(qx - px) < width_px and qy - line_px < top < qy + line_px for qx, qy in placed):
+            top = min(qy for qx, qy in placed if abs(qx - px) < width_px and qy - line_px < top < qy + line_px) - line_px
+        placed.append((px, top))
+        ax.annotate(text, (x, y), fontsize=7, color=color, textcoords="offset points",
+                    xytext=(6, (top - py) * points_per_px))
+
+
+SYSTEM_STYLE = {"tokensieve": ("C0", "o"), "transformers": ("C7", "s"), "kvpress": ("C1", "^")}
+
+
 def write_plot(result: dict, path: Path) -> None:
-    """Accuracy (mean over the accuracy tasks) against KV MiB, one panel per context length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = [e for e in result["summary"] if e["accuracy"] is not None and e["kv_bytes"]]
+    """Accuracy (mean over the accuracy tasks; perplexity when the run has no other task) against KV
+    MiB while decoding, one panel per context length, a marker per system; methods that land on the
+    same point share one label per system."""
+    plt = pyplot()
+    metric = "accuracy" if any(e["accuracy"] is not None for e in result["summary"]) else "perplexity"
+    sign = 1 if metric == "accuracy" else -1  # the Pareto front wants higher is better
+    entries = [e for e in result["summary"] if e[metric] is not None and e["kv_bytes"]]
     lengths = sorted({e["length"] for e in entries})
-    if not lengths:
-        return
-    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.5), squeeze=False)
-    colors = {"tokensieve": "tab:blue", "transformers": "tab:gray", "kvpress": "tab:orange"}
+    tasks = sorted({e["task"] for e in entries})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(7 * len(lengths), 5), squeeze=False)
     for ax, length in zip(axes[0], lengths):
         methods = defaultdict(list)
         for e in entries:
             if e["length"] == length:
                 methods[(e["system"], e["method"])].append(e)
-        points = []
+        points, labels = {}, defaultdict(list)
         for (system, method), group in methods.items():
-            x, y = mean(e["kv_bytes"] for e in group) / MIB, mean(e["accuracy"] for e in group)
-            points.append((x, y))
-            ax.scatter(x, y, color=colors.get(system, "black"), s=30)
-            ax.annotate(method, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front = pareto_front(points)
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="tab:green", lw=1, label="Pareto front")
-        for system, color in colors.items():
-            ax.scatter([], [], color=color, label=system)
-        ax.set(title=f"{length} tokens ({result['setting']})", xlabel="KV cache MiB while decoding", ylabel="accuracy")
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            points[(system, method)] = (mean(e["kv_bytes"] for e in group) / MIB, mean(e[metric] for e in group))
+        for (system, method), (x, y) in points.items():  # methods on one point share a label
+            labels[(system, round(x), round(y, 3))].append(method)
+        for system, (color, marker) in SYSTEM_STYLE.items():
+            mine = [xy for (s, _), xy in points.items() if s == system]
+            ax.scatter([x for x, _ in mine], [y for _, y in mine], color=color, marker=marker, s=40, label=system, zorder=3)
+        ax.set_xlim(0, max(x for x, _ in points.values()) * 1.15)
+        low, high = min(y for _, y in points.values()), max(y for _, y in points.values())
+        span = (high - low) or 1.0
+        ax.set_ylim(low - 0.12 * span, high + 0.08 * span)  # room for stacked labels; fixed before they are placed
+        _place_labels(ax, [((x, y), ", ".join(sorted(names)), SYSTEM_STYLE.get(system, ("black",))[0])
+                           for (system, x, y), names in labels.items()])
+        front = pareto_front([(x, sign * y) for x, y in points.values()])
+        ax.plot([x for x, _ in front], [sign * y for _, y in front], "--", color="tab:green", lw=1, label="Pareto front")
+        ax.set(xlabel="KV cache MiB while decoding", ylabel=metric + (" (mean over tasks)" if len(tasks) > 1 else ""),
+               title=textwrap.fill(f"{', '.join(tasks)}: {length} tokens, {result['setting']}", 70))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="center right")
+    fig.suptitle(f"bench longctx: {caption(result)}", fontsize=10)
+    save(fig, path)
+
+
+def render(result: dict, out: Path) -> list[Path]:
+    """longctx.md and longctx.png in `out`, from the result."""
+    (out / "longctx.md").write_text(markdown(result))
+    write_plot(result, out / "longctx.png")
+    return [out / "longctx.md", out / "longctx.png"]
+
+
+def write_report(result: dict, out: Path) -> None:
+    """longctx.json, longctx.md and longctx.png in `out` (longctx_cases.jsonl is written case by case)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "longctx.json").write_text(json.dumps(result, indent=1))
+    render(result, out)

@@ -20,6 +20,9 @@ from ..config import SpeculativeConfig
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .hf_baseline import load_hf_model
+from .plotting import require_matplotlib
+from .provenance import run_info
+from .spec_report import markdown, summarize, write_report
 
 QUESTIONS = Path(__file__).parent / "data" / "spec_bench" / "question.jsonl"
 
@@ -66,54 +69,10 @@ def _run_hf(hf_model, prompt_ids: list[int], new_tokens: int, lookup_tokens: int
     return out[0, len(prompt_ids) :].tolist(), time.perf_counter() - started
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Per category and overall: accepted tokens per step, tokens/s and speedups."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        groups[row["category"]].append(row)
-    groups["overall"] = list(rows)
-    summary = {}
-    for category, items in groups.items():
-        tokens = sum(r["tokens"] for r in items)
-        entry = {
-            "prompts": len(items),
-            "tokens": tokens,
-            "tokens_per_step": sum(r["tokens"] - 1 for r in items) / max(1, sum(r["spec_decode_forwards"] for r in items)),
-            "plain_tok_s": tokens / sum(r["plain_s"] for r in items),
-            "spec_tok_s": tokens / sum(r["spec_s"] for r in items),
-            "identical": sum(r["identical"] for r in items),
-        }
-        entry["speedup_vs_plain"] = entry["spec_tok_s"] / entry["plain_tok_s"]
-        entry["decode_speedup_vs_plain"] = sum(r["plain_s"] - r["plain_first_s"] for r in items) / sum(
-            r["spec_s"] - r["spec_first_s"] for r in items
-        )
-        if all("hf_s" in r for r in items):
-            hf_tokens = sum(r["hf_tokens"] for r in items)
-            entry["hf_lookup_tok_s"] = hf_tokens / sum(r["hf_s"] for r in items)
-            entry["speedup_vs_hf_lookup"] = entry["spec_tok_s"] / entry["hf_lookup_tok_s"]
-        summary[category] = entry
-    return summary
-
-
-def markdown(summary: dict, command: str) -> str:
-    has_hf = "hf_lookup_tok_s" in summary["overall"]
-    lines = [
-        f"Command: `{command}`", "",
-        "| category | prompts | tokens/step | plain tok/s | spec tok/s | vs plain | decode vs plain |"
-        + (" HF lookup tok/s | vs HF lookup |" if has_hf else "") + " identical |",
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_hf else "") + "---:|",
-    ]
-    for category, e in summary.items():
-        hf = f" {e['hf_lookup_tok_s']:.1f} | {e['speedup_vs_hf_lookup']:.2f}x |" if has_hf else ""
-        lines.append(
-            f"| {category} | {e['prompts']} | {e['tokens_per_step']:.2f} | {e['plain_tok_s']:.1f} | {e['spec_tok_s']:.1f} "
-            f"| {e['speedup_vs_plain']:.2f}x | {e['decode_speedup_vs_plain']:.2f}x |{hf} {e['identical']}/{e['prompts']} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def run_spec_benchmark(args) -> dict:
+    require_matplotlib()
     torch.set_num_threads(args.threads)
+    info = run_info(args)  # before the run: the commit and machine that ran it
     prompts = load_prompts(Path(args.questions), args.per_category)
     config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes)
     plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations)
@@ -145,9 +104,8 @@ def run_spec_benchmark(args) -> dict:
             print(f"[{index + 1}/{len(prompts)}] {row['category']}: {row['tokens']} tokens, "
                   f"{plain_s / spec_s:.2f}x vs plain" + (f", {row['hf_s'] / spec_s:.2f}x vs HF lookup" if "hf_s" in row else ""),
                   flush=True)
-    summary = summarize(rows)
-    result = {"command": args.command_line, "settings": vars(args) | {"func": None}, "summary": summary, "cases": rows}
-    (out / "spec.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "spec.md").write_text(markdown(summary, args.command_line))
-    print(markdown(summary, args.command_line))
+    settings = {key: getattr(args, key) for key in ("per_category", "max_tokens", "drafters", "max_nodes", "hf_lookup_tokens")}
+    result = info | {"settings": settings, "summary": summarize(rows), "cases": rows}
+    write_report(result, out)
+    print(markdown(result))
     return result

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -12,6 +11,9 @@ from ..config import DTYPES
 from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .hf_baseline import hf_generate_timed, load_hf_model
+from .plotting import require_matplotlib
+from .provenance import run_info
+from .speed_report import decode_line, prefill_line, write_report
 
 
 def _random_prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -39,50 +41,50 @@ def ours_timed(llm: LLM, prompts: torch.Tensor, new_tokens: int) -> tuple[float,
     return first_token_at - start, last_token_at - first_token_at
 
 
-def _best(fn, repeats: int) -> tuple[float, float]:
-    runs = [fn() for _ in range(repeats)]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
+def _runs(fn, repeats: int) -> list[tuple[float, float]]:
+    return [fn() for _ in range(repeats)]
 
 
 def run_speed_benchmark(args) -> dict:
+    require_matplotlib()
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
               kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations)
-    hf = load_hf_model(args.model, dtype)
+    hf = load_hf_model(args.model, DTYPES[args.dtype])
     vocab = llm.engine.model.config.vocab_size
-    kernels = "on" if llm.engine.kernels is not None else "off"
-    print(f"model {args.model}, {args.dtype}, {args.activations} activations, {torch.get_num_threads()} threads, "
-          f"native kernels {kernels}, "
-          f"{platform.processor() or platform.machine()}")
-    results = {"model": args.model, "dtype": args.dtype, "activations": args.activations, "threads": torch.get_num_threads(), "native_kernels": kernels,
-               "prefill": [], "decode": []}
+    result = run_info(args) | {
+        "native_kernels": llm.engine.kernels is not None, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+        "prefill": [], "decode": [],
+    }
+    print(f"{result['model']}, {result['dtype']}, {result['activations']} activations, {result['threads']} threads, "
+          f"native kernels {'on' if result['native_kernels'] else 'off'}, {result['machine']}")
     warm = _random_prompts(1, 64, vocab, 0)
     ours_timed(llm, warm, 4), hf_generate_timed(hf, warm, 4)
 
-    print(f"\n{'prefill tokens':>14} {'ours tok/s':>11} {'HF tok/s':>9} {'ratio':>6}")
-    for length in args.prefill_lengths:
+    for length in args.prefill_lengths:  # best of the repeats: the first token's time is the prefill
         prompts = _random_prompts(1, length, vocab, length)
-        ours = _best(lambda: ours_timed(llm, prompts, 1), args.repeats)[0]
-        ref = _best(lambda: hf_generate_timed(hf, prompts, 1), args.repeats)[0]
-        row = {"tokens": length, "ours_tok_s": length / ours, "hf_tok_s": length / ref, "ratio": ref / ours}
-        results["prefill"].append(row)
-        print(f"{length:>14} {row['ours_tok_s']:>11.1f} {row['hf_tok_s']:>9.1f} {row['ratio']:>5.2f}x")
+        ours = [first for first, _ in _runs(lambda: ours_timed(llm, prompts, 1), args.repeats)]
+        ref = [first for first, _ in _runs(lambda: hf_generate_timed(hf, prompts, 1), args.repeats)]
+        row = {"tokens": length, "ours_tok_s": length / min(ours), "hf_tok_s": length / min(ref),
+               "ratio": min(ref) / min(ours), "ours_runs_s": ours, "hf_runs_s": ref}
+        result["prefill"].append(row)
+        print(prefill_line(row), flush=True)
 
-    print(f"\n{'batch':>5} {'context':>7} {'ours tok/s':>11} {'HF tok/s':>9} {'vs HF same batch':>17} {'vs HF batch 1':>14}")
-    hf_batch1: dict[int, float] = {}
     steps = args.decode_tokens - 1
     for context in args.contexts:
+        hf_batch1 = None
         for batch in sorted(args.batches):
             prompts = _random_prompts(batch, context, vocab, context + batch)
-            ours = batch * steps / _best(lambda: ours_timed(llm, prompts, args.decode_tokens), args.repeats)[1]
-            ref = batch * steps / _best(lambda: hf_generate_timed(hf, prompts, args.decode_tokens), args.repeats)[1]
-            hf_batch1.setdefault(context, ref if batch == 1 else float("nan"))
-            row = {"batch": batch, "context": context, "ours_tok_s": ours, "hf_tok_s": ref,
-                   "ratio_same_batch": ours / ref, "ratio_vs_hf_batch1": ours / hf_batch1[context]}
-            results["decode"].append(row)
-            print(f"{batch:>5} {context:>7} {ours:>11.1f} {ref:>9.1f} {row['ratio_same_batch']:>16.2f}x {row['ratio_vs_hf_batch1']:>13.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return results
+            ours = [rest for _, rest in _runs(lambda: ours_timed(llm, prompts, args.decode_tokens), args.repeats)]
+            ref = [rest for _, rest in _runs(lambda: hf_generate_timed(hf, prompts, args.decode_tokens), args.repeats)]
+            ours_rate, hf_rate = batch * steps / min(ours), batch * steps / min(ref)
+            hf_batch1 = hf_rate if batch == 1 else hf_batch1
+            row = {"batch": batch, "context": context, "ours_tok_s": ours_rate, "hf_tok_s": hf_rate,
+                   "ratio_same_batch": ours_rate / hf_rate,
+                   "ratio_vs_hf_batch1": ours_rate / hf_batch1 if hf_batch1 else None,
+                   "ours_runs_s": ours, "hf_runs_s": ref}
+            result["decode"].append(row)
+            print(decode_line(row), flush=True)
+    write_report(result, Path(args.out))
+    print((Path(args.out) / "speed.md").read_text())
+    return result

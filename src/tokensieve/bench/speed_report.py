@@ -1,0 +1,84 @@
+"""`bench speed` results written out: JSON, one line per measured setting, a Markdown table and a
+plot of tokens/s against context for each batch size, ours beside transformers'."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .plotting import caption, pyplot, save
+
+PREFILL_HEADER = "| prefill tokens | tokensieve tok/s | transformers tok/s | ratio |\n|---:|---:|---:|---:|"
+DECODE_HEADER = ("| batch | context | tokensieve tok/s | transformers tok/s | vs transformers, same batch "
+                 "| vs transformers, batch 1 |\n|---:|---:|---:|---:|---:|---:|")
+
+
+def prefill_line(row: dict) -> str:
+    return f"| {row['tokens']} | {row['ours_tok_s']:.1f} | {row['hf_tok_s']:.1f} | {row['ratio']:.2f}x |"
+
+
+def decode_line(row: dict) -> str:
+    batch1 = "-" if row["ratio_vs_hf_batch1"] is None else f"{row['ratio_vs_hf_batch1']:.2f}x"
+    return (f"| {row['batch']} | {row['context']} | {row['ours_tok_s']:.1f} | {row['hf_tok_s']:.1f} "
+            f"| {row['ratio_same_batch']:.2f}x | {batch1} |")
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Command: `{result['command']}`", "",
+        f"{caption(result)}; native kernels {'on' if result['native_kernels'] else 'off'}; "
+        f"commit {result['commit']}, {result['date']}, torch {result['torch']}, transformers {result['transformers']}. "
+        f"Random prompt ids, greedy, {result['decode_tokens']} new tokens, best of {result['repeats']}; decode tok/s "
+        f"counts the {result['decode_tokens'] - 1} steps after the first token, prefill the time to the first token.", "",
+    ]
+    if result["prefill"]:
+        lines += [PREFILL_HEADER, *map(prefill_line, result["prefill"]), ""]
+    if result["decode"]:
+        lines += [DECODE_HEADER, *map(decode_line, result["decode"]), ""]
+    return "\n".join(lines)
+
+
+def write_plot(result: dict, path: Path) -> None:
+    """Decode tokens/s against context, a color per batch size (tokensieve solid, transformers dashed);
+    beside it prefill tokens/s against prompt length."""
+    plt = pyplot()
+    fig, (decode_ax, prefill_ax) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    batches = sorted({row["batch"] for row in result["decode"]})
+    for index, batch in enumerate(batches):
+        rows = sorted((r for r in result["decode"] if r["batch"] == batch), key=lambda r: r["context"])
+        contexts = [r["context"] for r in rows]
+        color = f"C{index}"
+        decode_ax.plot(contexts, [r["ours_tok_s"] for r in rows], "o-", color=color, label=f"tokensieve, batch {batch}")
+        decode_ax.plot(contexts, [r["hf_tok_s"] for r in rows], "s--", color=color, label=f"transformers, batch {batch}")
+    decode_ax.set(xscale="log", xlabel="context tokens", ylabel="decode tokens/s (all sequences)", title="decode")
+    prefill = sorted(result["prefill"], key=lambda r: r["tokens"])
+    prefill_ax.plot([r["tokens"] for r in prefill], [r["ours_tok_s"] for r in prefill], "o-", color="C0", label="tokensieve")
+    prefill_ax.plot([r["tokens"] for r in prefill], [r["hf_tok_s"] for r in prefill], "s--", color="C7", label="transformers")
+    prefill_ax.set(xscale="log", xlabel="prompt tokens", ylabel="prefill tokens/s", title="prefill (batch 1)")
+    for ax in (decode_ax, prefill_ax):
+        ticks = sorted({r["context"] for r in result["decode"]} if ax is decode_ax else {r["tokens"] for r in prefill})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"bench speed: {caption(result)}", fontsize=10)
+    save(fig, path)
+
+
+def render(result: dict, out: Path) -> list[Path]:
+    """speed.md and speed.png in `out`, from the result."""
+    (out / "speed.md").write_text(markdown(result))
+    write_plot(result, out / "speed.png")
+    return [out / "speed.md", out / "speed.png"]
+
+
+def write_report(result: dict, out: Path) -> None:
+    """speed.json, speed_cases.jsonl (one line per measured setting), speed.md and speed.png in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(result, indent=1))
+    with open(out / "speed_cases.jsonl", "w") as cases:
+        for kind in ("prefill", "decode"):
+            for row in result[kind]:
+                cases.write(json.dumps({"kind": kind, **row}) + "\n")
+    render(result, out)
