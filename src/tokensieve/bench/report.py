@@ -24,5 +24,8 @@ def rewrite_report(folder: str) -> list[Path]:
             result = json.loads((out / name).read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{out / name} is not valid JSON: {exc}") from None
-        written += renderers[name](result, out)
+        try:
+            written += renderers[name](result, out)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{out / name} is not a result of this tokensieve's bench {name[:-5]}: it lacks {exc}") from None
     return written
