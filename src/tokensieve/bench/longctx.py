@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES, KVPolicyConfig
-from .longctx_report import summarize, write_report
+from .longctx_report import summarize
 from .longctx_systems import OursSystem, TransformersSystem, score
 from .longctx_tasks import CaseMaker
 from .plotting import require_matplotlib
 from .provenance import run_info
+from .report import write_report
 
 
 def peak_rss_bytes() -> int | None:
@@ -103,6 +104,6 @@ def run_longctx_benchmark(args) -> dict:
         "prefill_chunk_size": args.prefill_chunk_size, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
         "summary": summarize(rows), "cases": rows,
     }
-    write_report(result, out)
+    write_report("longctx", result, out)
     print((out / "longctx.md").read_text())
     return result

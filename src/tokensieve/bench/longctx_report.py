@@ -1,15 +1,15 @@
-"""`bench longctx` results summarised and written out: JSON, a table per task and length, and a plot
-of accuracy against KV bytes per method."""
+"""`bench longctx` results summarised: a table per task and length, and a plot of accuracy against KV
+bytes per method."""
 
 from __future__ import annotations
 
-import json
 import textwrap
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
 from .plotting import caption, pyplot, save
+from .provenance import versions
 
 MIB = 1024**2
 BASELINE = ("transformers", "full")
@@ -53,8 +53,7 @@ def _fmt(value, spec: str) -> str:
 def markdown(result: dict) -> str:
     lines = [
         f"Command: `{result['command']}`", "",
-        f"{caption(result)}; {result['setting']}; commit {result['commit']}, {result['date']}, torch {result['torch']}, "
-        f"transformers {result['transformers']}; seed {result['seed']}, prefill chunk {result['prefill_chunk_size']} tokens "
+        f"{caption(result)}; {result['setting']}; {versions(result)}; seed {result['seed']}, prefill chunk {result['prefill_chunk_size']} tokens "
         f"(ours compresses after each), {result['seconds']} s in all. KV x full: KV bytes held while decoding over "
         "transformers' full cache on the same case. Decode x HF: decode tokens/s over transformers' full cache in the same run.", "",
     ]
@@ -147,17 +146,3 @@ def write_plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8, loc="center right")
     fig.suptitle(f"bench longctx: {caption(result)}", fontsize=10)
     save(fig, path)
-
-
-def render(result: dict, out: Path) -> list[Path]:
-    """longctx.md and longctx.png in `out`, from the result."""
-    (out / "longctx.md").write_text(markdown(result))
-    write_plot(result, out / "longctx.png")
-    return [out / "longctx.md", out / "longctx.png"]
-
-
-def write_report(result: dict, out: Path) -> None:
-    """longctx.json, longctx.md and longctx.png in `out` (longctx_cases.jsonl is written case by case)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "longctx.json").write_text(json.dumps(result, indent=1))
-    render(result, out)

@@ -60,3 +60,9 @@ def run_info(args) -> dict:
         "torch": torch.__version__,
         "transformers": _package_version("transformers"),
     }
+
+
+def versions(result: dict) -> str:
+    """"commit 2761d4e, 2026-12-04, torch 2.13.0+cpu, transformers 5.2.0": where a table comes from."""
+    return (f"commit {result['commit']}, {result['date']}, torch {result['torch']}, "
+            f"transformers {result['transformers']}")

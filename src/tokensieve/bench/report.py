@@ -1,5 +1,6 @@
-"""`tokensieve bench report FOLDER`: a recorded run's Markdown table and plot written again from its
-JSON (after a change to the report, or to draw a run made elsewhere)."""
+"""A benchmark run written out: its JSON, Markdown table and plot, side by side in one folder; and
+`tokensieve bench report FOLDER`, which writes a recorded run's table and plot again from its JSON
+(after a change to the report, or to draw a run made elsewhere)."""
 
 from __future__ import annotations
 
@@ -8,24 +9,46 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+KINDS = ("speed", "spec", "longctx")
+
+
+def _report_module(kind: str):
+    from . import longctx_report, spec_report, speed_report
+
+    return {"speed": speed_report, "spec": spec_report, "longctx": longctx_report}[kind]
+
+
+def render(kind: str, result: dict, out: Path) -> list[Path]:
+    """KIND.md and KIND.png in `out`, from the result; returns their paths."""
+    module = _report_module(kind)
+    table, plot = out / f"{kind}.md", out / f"{kind}.png"
+    table.write_text(module.markdown(result))
+    module.write_plot(result, plot)
+    return [table, plot]
+
+
+def write_report(kind: str, result: dict, out: Path) -> None:
+    """KIND.json, KIND.md and KIND.png in `out` (the per-case lines are written during the run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{kind}.json").write_text(json.dumps(result, indent=1))
+    render(kind, result, out)
+
 
 def rewrite_report(folder: str) -> list[Path]:
     """Write the table and plot of the run recorded in `folder`; returns the paths written."""
-    from . import longctx_report, spec_report, speed_report
-
-    renderers = {"speed.json": speed_report.render, "spec.json": spec_report.render, "longctx.json": longctx_report.render}
     out = Path(folder)
-    found = [name for name in renderers if (out / name).is_file()]
+    found = [kind for kind in KINDS if (out / f"{kind}.json").is_file()]
     if not found:
-        raise ConfigError(f"{out} holds no benchmark result (one of {', '.join(renderers)})")
+        raise ConfigError(f"{out} holds no benchmark result (one of {', '.join(f'{k}.json' for k in KINDS)})")
     written = []
-    for name in found:
+    for kind in found:
+        path = out / f"{kind}.json"
         try:
-            result = json.loads((out / name).read_text())
+            result = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{out / name} is not valid JSON: {exc}") from None
+            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
         try:
-            written += renderers[name](result, out)
+            written += render(kind, result, out)
         except (KeyError, TypeError) as exc:
-            raise ConfigError(f"{out / name} is not a result of this tokensieve's bench {name[:-5]}: it lacks {exc}") from None
+            raise ConfigError(f"{path} is not a result of this tokensieve's bench {kind}: it lacks {exc}") from None
     return written

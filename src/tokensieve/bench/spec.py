@@ -22,7 +22,8 @@ from ..sampling_params import SamplingParams
 from .hf_baseline import load_hf_model
 from .plotting import require_matplotlib
 from .provenance import run_info
-from .spec_report import markdown, summarize, write_report
+from .report import write_report
+from .spec_report import markdown, summarize
 
 QUESTIONS = Path(__file__).parent / "data" / "spec_bench" / "question.jsonl"
 
@@ -106,6 +107,6 @@ def run_spec_benchmark(args) -> dict:
                   flush=True)
     settings = {key: getattr(args, key) for key in ("per_category", "max_tokens", "drafters", "max_nodes", "hf_lookup_tokens")}
     result = info | {"settings": settings, "summary": summarize(rows), "cases": rows}
-    write_report(result, out)
+    write_report("spec", result, out)
     print(markdown(result))
     return result

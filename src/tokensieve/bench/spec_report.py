@@ -1,13 +1,13 @@
-"""`bench spec` results summarised and written out: JSON, a Markdown table per category and a plot of
-each category's speedup over our plain decoding, speculative and transformers' prompt lookup."""
+"""`bench spec` results summarised: a Markdown table per category and a plot of each category's
+speedup over our plain decoding, speculative and transformers' prompt lookup."""
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from .plotting import caption, pyplot, save
+from .provenance import versions
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -44,8 +44,7 @@ def markdown(result: dict) -> str:
     has_hf = "hf_lookup_tok_s" in summary["overall"]
     lines = [
         f"Command: `{result['command']}`", "",
-        f"{caption(result)}; drafters {result['settings']['drafters']}; commit {result['commit']}, {result['date']}, "
-        f"torch {result['torch']}, transformers {result['transformers']}.", "",
+        f"{caption(result)}; drafters {result['settings']['drafters']}; {versions(result)}.", "",
         "| category | prompts | tokens/step | plain tok/s | spec tok/s | vs plain | decode vs plain |"
         + (" HF lookup tok/s | vs HF lookup |" if has_hf else "") + " identical |",
         "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_hf else "") + "---:|",
@@ -86,17 +85,3 @@ def write_plot(result: dict, path: Path) -> None:
     ax.set_title(f"bench spec: Spec-Bench, {settings['per_category']} prompts per category, {settings['max_tokens']} new tokens, "
                  f"greedy, batch 1\n{caption(result)}", fontsize=10)
     save(fig, path)
-
-
-def render(result: dict, out: Path) -> list[Path]:
-    """spec.md and spec.png in `out`, from the result."""
-    (out / "spec.md").write_text(markdown(result))
-    write_plot(result, out / "spec.png")
-    return [out / "spec.md", out / "spec.png"]
-
-
-def write_report(result: dict, out: Path) -> None:
-    """spec.json, spec.md and spec.png in `out` (spec_cases.jsonl is written case by case during the run)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(result, indent=1))
-    render(result, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from ..sampling_params import SamplingParams
 from .hf_baseline import hf_generate_timed, load_hf_model
 from .plotting import require_matplotlib
 from .provenance import run_info
-from .speed_report import decode_line, prefill_line, write_report
+from .report import write_report
+from .speed_report import decode_line, prefill_line
 
 
 def _random_prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
@@ -48,11 +50,12 @@ def _runs(fn, repeats: int) -> list[tuple[float, float]]:
 def run_speed_benchmark(args) -> dict:
     require_matplotlib()
     torch.set_num_threads(args.threads)
+    info = run_info(args)  # before the run: the commit and machine that ran it
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
               kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations)
     hf = load_hf_model(args.model, DTYPES[args.dtype])
     vocab = llm.engine.model.config.vocab_size
-    result = run_info(args) | {
+    result = info | {
         "native_kernels": llm.engine.kernels is not None, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
         "prefill": [], "decode": [],
     }
@@ -60,31 +63,38 @@ def run_speed_benchmark(args) -> dict:
           f"native kernels {'on' if result['native_kernels'] else 'off'}, {result['machine']}")
     warm = _random_prompts(1, 64, vocab, 0)
     ours_timed(llm, warm, 4), hf_generate_timed(hf, warm, 4)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "speed_cases.jsonl", "w") as cases:  # each setting as soon as it is measured
 
-    for length in args.prefill_lengths:  # best of the repeats: the first token's time is the prefill
-        prompts = _random_prompts(1, length, vocab, length)
-        ours = [first for first, _ in _runs(lambda: ours_timed(llm, prompts, 1), args.repeats)]
-        ref = [first for first, _ in _runs(lambda: hf_generate_timed(hf, prompts, 1), args.repeats)]
-        row = {"tokens": length, "ours_tok_s": length / min(ours), "hf_tok_s": length / min(ref),
-               "ratio": min(ref) / min(ours), "ours_runs_s": ours, "hf_runs_s": ref}
-        result["prefill"].append(row)
-        print(prefill_line(row), flush=True)
+        def record(kind: str, row: dict, line: str) -> None:
+            result[kind].append(row)
+            cases.write(json.dumps({"kind": kind, **row}) + "\n")
+            cases.flush()
+            print(line, flush=True)
 
-    steps = args.decode_tokens - 1
-    for context in args.contexts:
-        hf_batch1 = None
-        for batch in sorted(args.batches):
-            prompts = _random_prompts(batch, context, vocab, context + batch)
-            ours = [rest for _, rest in _runs(lambda: ours_timed(llm, prompts, args.decode_tokens), args.repeats)]
-            ref = [rest for _, rest in _runs(lambda: hf_generate_timed(hf, prompts, args.decode_tokens), args.repeats)]
-            ours_rate, hf_rate = batch * steps / min(ours), batch * steps / min(ref)
-            hf_batch1 = hf_rate if batch == 1 else hf_batch1
-            row = {"batch": batch, "context": context, "ours_tok_s": ours_rate, "hf_tok_s": hf_rate,
-                   "ratio_same_batch": ours_rate / hf_rate,
-                   "ratio_vs_hf_batch1": ours_rate / hf_batch1 if hf_batch1 else None,
-                   "ours_runs_s": ours, "hf_runs_s": ref}
-            result["decode"].append(row)
-            print(decode_line(row), flush=True)
-    write_report(result, Path(args.out))
-    print((Path(args.out) / "speed.md").read_text())
+        for length in args.prefill_lengths:  # best of the repeats: the first token's time is the prefill
+            prompts = _random_prompts(1, length, vocab, length)
+            ours = [first for first, _ in _runs(lambda: ours_timed(llm, prompts, 1), args.repeats)]
+            ref = [first for first, _ in _runs(lambda: hf_generate_timed(hf, prompts, 1), args.repeats)]
+            row = {"tokens": length, "ours_tok_s": length / min(ours), "hf_tok_s": length / min(ref),
+                   "ratio": min(ref) / min(ours), "ours_runs_s": ours, "hf_runs_s": ref}
+            record("prefill", row, prefill_line(row))
+
+        steps = args.decode_tokens - 1
+        for context in args.contexts:
+            hf_batch1 = None
+            for batch in sorted(args.batches):
+                prompts = _random_prompts(batch, context, vocab, context + batch)
+                ours = [rest for _, rest in _runs(lambda: ours_timed(llm, prompts, args.decode_tokens), args.repeats)]
+                ref = [rest for _, rest in _runs(lambda: hf_generate_timed(hf, prompts, args.decode_tokens), args.repeats)]
+                ours_rate, hf_rate = batch * steps / min(ours), batch * steps / min(ref)
+                hf_batch1 = hf_rate if batch == 1 else hf_batch1
+                row = {"batch": batch, "context": context, "ours_tok_s": ours_rate, "hf_tok_s": hf_rate,
+                       "ratio_same_batch": ours_rate / hf_rate,
+                       "ratio_vs_hf_batch1": ours_rate / hf_batch1 if hf_batch1 else None,
+                       "ours_runs_s": ours, "hf_runs_s": ref}
+                record("decode", row, decode_line(row))
+    write_report("speed", result, out)
+    print((out / "speed.md").read_text())
     return result

@@ -1,12 +1,12 @@
-"""`bench speed` results written out: JSON, one line per measured setting, a Markdown table and a
-plot of tokens/s against context for each batch size, ours beside transformers'."""
+"""`bench speed` results as a Markdown table and a plot of tokens/s against context for each batch
+size, ours beside transformers'."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .plotting import caption, pyplot, save
+from .provenance import versions
 
 PREFILL_HEADER = "| prefill tokens | tokensieve tok/s | transformers tok/s | ratio |\n|---:|---:|---:|---:|"
 DECODE_HEADER = ("| batch | context | tokensieve tok/s | transformers tok/s | vs transformers, same batch "
@@ -27,7 +27,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Command: `{result['command']}`", "",
         f"{caption(result)}; native kernels {'on' if result['native_kernels'] else 'off'}; "
-        f"commit {result['commit']}, {result['date']}, torch {result['torch']}, transformers {result['transformers']}. "
+        f"{versions(result)}. "
         f"Random prompt ids, greedy, {result['decode_tokens']} new tokens, best of {result['repeats']}; decode tok/s "
         f"counts the {result['decode_tokens'] - 1} steps after the first token, prefill the time to the first token.", "",
     ]
@@ -64,21 +64,3 @@ def write_plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"bench speed: {caption(result)}", fontsize=10)
     save(fig, path)
-
-
-def render(result: dict, out: Path) -> list[Path]:
-    """speed.md and speed.png in `out`, from the result."""
-    (out / "speed.md").write_text(markdown(result))
-    write_plot(result, out / "speed.png")
-    return [out / "speed.md", out / "speed.png"]
-
-
-def write_report(result: dict, out: Path) -> None:
-    """speed.json, speed_cases.jsonl (one line per measured setting), speed.md and speed.png in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=1))
-    with open(out / "speed_cases.jsonl", "w") as cases:
-        for kind in ("prefill", "decode"):
-            for row in result[kind]:
-                cases.write(json.dumps({"kind": kind, **row}) + "\n")
-    render(result, out)
