@@ -1,10 +1,13 @@
 """GGUF files written here, in several tensor types, load into the same model transformers builds."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tokensieve.errors import ModelLoadError
 from tokensieve.kernels import native_kernels
 from tokensieve.weights import load_model
 
@@ -132,3 +135,38 @@ def test_mixed_type_gguf_matches_transformers(written, use_kernels):
     with torch.inference_mode():
         ref = hf(ids[None]).logits[0]
     assert (ours - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+class _SpaceDroppingTokenizer:
+    """What transformers 5.2's GGUF conversion made of SmolLM2's tokenizer: spaces become the unknown token."""
+
+    unk_token_id = 0
+
+    def encode(self, text, add_special_tokens=False):
+        return [0 if ch == " " else ord(ch) for ch in text]
+
+    def decode(self, ids):
+        return "".join("<|endoftext|>" if i == 0 else chr(i) for i in ids)
+
+
+def test_a_tokenizer_that_loses_text_is_refused_by_name(tmp_path):
+    from tokensieve.weights.loader import check_round_trip
+
+    with pytest.raises(ModelLoadError, match=r"converted from .*model.gguf by transformers .* is broken: 'Hello world"):
+        check_round_trip(_SpaceDroppingTokenizer(), tmp_path / "model.gguf")
+
+
+def test_a_broken_cached_tokenizer_is_converted_again(tmp_path, monkeypatch):
+    from tokensieve.weights import loader
+
+    monkeypatch.setenv("TOKENSIEVE_CACHE", str(tmp_path))
+    first = loader.load_tokenizer("smollm2-135m")
+    cache = loader._tokenizer_cache_dir(loader.resolve_model_path("smollm2-135m"))
+    assert (cache / "tokenizer.json").is_file()
+    tokens = json.loads((cache / "tokenizer.json").read_text())
+    tokens["decoder"] = None  # ids decode to "HelloĠworld,...": a conversion that loses the text
+    (cache / "tokenizer.json").write_text(json.dumps(tokens))
+    again = loader.load_tokenizer("smollm2-135m")
+    assert again.decode(again.encode(loader.ROUND_TRIP_TEXT, add_special_tokens=False)) == loader.ROUND_TRIP_TEXT
+    assert again.encode(loader.ROUND_TRIP_TEXT) == first.encode(loader.ROUND_TRIP_TEXT)
+    assert json.loads((cache / "tokenizer.json").read_text())["decoder"] is not None  # the cache was written again

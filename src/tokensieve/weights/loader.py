@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -129,8 +130,30 @@ def _tokenizer_cache_dir(gguf_path: Path) -> Path:
     return cache_root() / "tokenizers" / key
 
 
+# A text every tokenizer must give back from its ids. transformers' GGUF conversion has produced
+# broken tokenizers in some releases: 5.2 turns SmolLM2's byte-level BPE into a CodeLlama tokenizer
+# that maps every space to the unknown token, and the model then reads nonsense.
+ROUND_TRIP_TEXT = "Hello world, the sky is blue."
+
+
+def check_round_trip(tokenizer, source: Path) -> None:
+    """Raise ModelLoadError unless the tokenizer encodes ROUND_TRIP_TEXT and decodes it back unchanged."""
+    ids = tokenizer.encode(ROUND_TRIP_TEXT, add_special_tokens=False)
+    text = tokenizer.decode(ids)
+    if text != ROUND_TRIP_TEXT or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
+        import transformers
+
+        raise ModelLoadError(
+            f"the tokenizer converted from {source} by transformers {transformers.__version__} is broken: "
+            f"{ROUND_TRIP_TEXT!r} comes back as {text!r}. Convert it with another transformers release "
+            "(5.25 converts it right; the conversion is cached and later releases reuse it), "
+            "or load a Hugging Face folder that has its tokenizer files"
+        )
+
+
 def load_tokenizer(model: str | Path):
-    """The transformers tokenizer (with chat template) stored beside the weights or inside the GGUF."""
+    """The transformers tokenizer (with chat template) stored beside the weights or inside the GGUF;
+    one converted from a GGUF is cached, and checked to give a text back from its ids."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(model)
@@ -139,8 +162,14 @@ def load_tokenizer(model: str | Path):
             return AutoTokenizer.from_pretrained(str(path))
         cache = _tokenizer_cache_dir(path)
         if (cache / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(str(cache))
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(cache))
+                check_round_trip(tokenizer, path)
+                return tokenizer
+            except Exception:
+                shutil.rmtree(cache, ignore_errors=True)  # a broken or unreadable earlier conversion: convert again
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        check_round_trip(tokenizer, path)
         try:
             tokenizer.save_pretrained(str(cache))
         except OSError:
