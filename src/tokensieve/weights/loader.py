@@ -131,9 +131,10 @@ def _tokenizer_cache_dir(gguf_path: Path) -> Path:
 
 
 # A text every tokenizer must give back from its ids. transformers' GGUF conversion has produced
-# broken tokenizers in some releases: 5.2 turns SmolLM2's byte-level BPE into a CodeLlama tokenizer
-# that maps every space to the unknown token, and the model then reads nonsense.
-ROUND_TRIP_TEXT = "Hello world, the sky is blue."
+# tokenizers that do not: the one transformers 5.2 (the release kvpress pins) saves for SmolLM2
+# reloads as a CodeLlama tokenizer that maps every space to the unknown token, and the model then
+# reads nonsense.
+ROUND_TRIP_TEXT = "Hello world,\n\nthe sky is blue: 42 °C, naïve café."
 
 
 def check_round_trip(tokenizer, source: Path) -> None:
@@ -172,8 +173,9 @@ def load_tokenizer(model: str | Path):
         check_round_trip(tokenizer, path)
         try:
             tokenizer.save_pretrained(str(cache))
-        except OSError:
-            pass  # a read-only home only costs the conversion next time
+            check_round_trip(AutoTokenizer.from_pretrained(str(cache)), path)
+        except Exception:  # a read-only home, or a saved form that loses text: convert again next time
+            shutil.rmtree(cache, ignore_errors=True)
         return tokenizer
     except ModelLoadError:
         raise
