@@ -31,4 +31,4 @@ bench: $(STAMP)
 bench-longctx: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,bench,kvpress]'
 	$(VENV)/bin/tokensieve bench longctx --tasks niah_single --lengths 4096 --cases 10 --keep-ratios 0.25 \
-		--out benchmarks/longctx-4k-niah
+		--out benchmarks/longctx

@@ -54,8 +54,9 @@ class KVPolicyConfig:
 
 DRAFTERS = ("lookup", "recycling", "lookahead")
 # The Jacobi lookahead pool is opt-in: on Spec-Bench with SmolLM2-135M on a 2-core CPU it drafted
-# nothing the other two did not, and decoding was about 4% faster without it (interleaved A/B in one
-# process: benchmarks/scripts/tuner_ab.py). Where extra rows are nearly free (a GPU) it may pay.
+# nothing the other two did not, and decoding was about 3% faster without it (1.57x against 1.53x
+# over plain decoding, interleaved in one process by benchmarks/scripts/tuner_ab.py; BENCHMARKS.md).
+# Where extra rows are nearly free (a GPU) it may pay.
 DEFAULT_DRAFTERS = ("lookup", "recycling")
 
 
