@@ -28,18 +28,11 @@ def pyplot():
 
 def caption(result: dict) -> str:
     """"smollm2-135m, float32, 2 threads, AMD EPYC, 2 CPUs": what a plot's title names."""
-    parts = [result.get("model", "model not recorded")]
-    if result.get("activations") == "int8":
-        parts.append("int8 activations")
-    elif result.get("dtype"):
-        parts.append(result["dtype"])
-    parts += [f"{result['threads']} threads" if "threads" in result else "threads not recorded",
-              result.get("machine", "machine not recorded")]
-    return ", ".join(parts)
+    numbers = "int8 activations" if result["activations"] == "int8" else result["dtype"]
+    return f"{result['model']}, {numbers}, {result['threads']} threads, {result['machine']}"
 
 
 def save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    fig.clf()
     pyplot().close(fig)
