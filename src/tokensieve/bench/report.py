@@ -8,19 +8,14 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from . import longctx_report, spec_report, speed_report
 
-KINDS = ("speed", "spec", "longctx")
-
-
-def _report_module(kind: str):
-    from . import longctx_report, spec_report, speed_report
-
-    return {"speed": speed_report, "spec": spec_report, "longctx": longctx_report}[kind]
+REPORTS = {"speed": speed_report, "spec": spec_report, "longctx": longctx_report}  # each: markdown(), write_plot()
 
 
 def render(kind: str, result: dict, out: Path) -> list[Path]:
     """KIND.md and KIND.png in `out`, from the result; returns their paths."""
-    module = _report_module(kind)
+    module = REPORTS[kind]
     table, plot = out / f"{kind}.md", out / f"{kind}.png"
     table.write_text(module.markdown(result))
     module.write_plot(result, plot)
@@ -37,9 +32,9 @@ def write_report(kind: str, result: dict, out: Path) -> None:
 def rewrite_report(folder: str) -> list[Path]:
     """Write the table and plot of the run recorded in `folder`; returns the paths written."""
     out = Path(folder)
-    found = [kind for kind in KINDS if (out / f"{kind}.json").is_file()]
+    found = [kind for kind in REPORTS if (out / f"{kind}.json").is_file()]
     if not found:
-        raise ConfigError(f"{out} holds no benchmark result (one of {', '.join(f'{k}.json' for k in KINDS)})")
+        raise ConfigError(f"{out} holds no benchmark result (one of {', '.join(f'{k}.json' for k in REPORTS)})")
     written = []
     for kind in found:
         path = out / f"{kind}.json"

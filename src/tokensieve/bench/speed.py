@@ -43,10 +43,6 @@ def ours_timed(llm: LLM, prompts: torch.Tensor, new_tokens: int) -> tuple[float,
     return first_token_at - start, last_token_at - first_token_at
 
 
-def _runs(fn, repeats: int) -> list[tuple[float, float]]:
-    return [fn() for _ in range(repeats)]
-
-
 def run_speed_benchmark(args) -> dict:
     require_matplotlib()
     torch.set_num_threads(args.threads)
@@ -75,8 +71,8 @@ def run_speed_benchmark(args) -> dict:
 
         for length in args.prefill_lengths:  # best of the repeats: the first token's time is the prefill
             prompts = _random_prompts(1, length, vocab, length)
-            ours = [first for first, _ in _runs(lambda: ours_timed(llm, prompts, 1), args.repeats)]
-            ref = [first for first, _ in _runs(lambda: hf_generate_timed(hf, prompts, 1), args.repeats)]
+            ours = [ours_timed(llm, prompts, 1)[0] for _ in range(args.repeats)]
+            ref = [hf_generate_timed(hf, prompts, 1)[0] for _ in range(args.repeats)]
             row = {"tokens": length, "ours_tok_s": length / min(ours), "hf_tok_s": length / min(ref),
                    "ratio": min(ref) / min(ours), "ours_runs_s": ours, "hf_runs_s": ref}
             record("prefill", row, prefill_line(row))
@@ -86,8 +82,8 @@ def run_speed_benchmark(args) -> dict:
             hf_batch1 = None
             for batch in sorted(args.batches):
                 prompts = _random_prompts(batch, context, vocab, context + batch)
-                ours = [rest for _, rest in _runs(lambda: ours_timed(llm, prompts, args.decode_tokens), args.repeats)]
-                ref = [rest for _, rest in _runs(lambda: hf_generate_timed(hf, prompts, args.decode_tokens), args.repeats)]
+                ours = [ours_timed(llm, prompts, args.decode_tokens)[1] for _ in range(args.repeats)]
+                ref = [hf_generate_timed(hf, prompts, args.decode_tokens)[1] for _ in range(args.repeats)]
                 ours_rate, hf_rate = batch * steps / min(ours), batch * steps / min(ref)
                 hf_batch1 = hf_rate if batch == 1 else hf_batch1
                 row = {"batch": batch, "context": context, "ours_tok_s": ours_rate, "hf_tok_s": hf_rate,
