@@ -57,7 +57,7 @@ def test_tables_grow_past_their_initial_capacity():
         manager.reserve(table, 1)
         table.append_slots(1)
     assert table.num_blocks.tolist() == [[15], [15]]
-    ids = table.all_block_ids()
+    ids = table.private_block_ids()
     assert len(ids) == len(set(ids)) == 30
     manager.drop(table)
     assert manager.num_free_blocks == 200

@@ -1,4 +1,4 @@
-"""Command line: `tokensieve generate | chat | bench`."""
+"""Command line: `tokensieve generate | chat | serve | bench`."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _sampling_params(args):
     )
 
 
-def _load(args):
+def _load(args, **engine_options):
     import torch
 
     from .llm import LLM
@@ -86,7 +86,7 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     return LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations,
-               kv_policy=_kv_policy(args), speculative=_speculative(args))
+               kv_policy=_kv_policy(args), speculative=_speculative(args), **engine_options)
 
 
 def _stream(llm, prompt, params, show_stats: bool) -> str:
@@ -142,6 +142,51 @@ def cmd_chat(args) -> None:
         history.append({"role": "assistant", "content": answer})
 
 
+def _add_serve_command(sub) -> None:
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, ...)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set TOKENSIEVE_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    serve.add_argument("--max-num-seqs", type=int, default=16, help="requests running at once")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting, at most (then 503)")
+    serve.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
+    serve.add_argument("--scheduling", default="vtc", choices=["vtc", "fcfs"],
+                       help="vtc: fair between clients (API key or `user`); fcfs: first come, first served")
+    _add_model_options(serve)
+    _add_kv_policy_options(serve)
+    _add_speculative_options(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    """Start answering at once (/health says 503 while loading); load the model in the background."""
+    import os
+
+    import uvicorn
+
+    from .server import create_app
+
+    def load():
+        try:
+            llm = _load(args, max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching,
+                        scheduling=args.scheduling)
+        except BaseException:
+            server.should_exit = True  # the error is reported once uvicorn has stopped
+            raise
+        print(f"tokensieve: {args.model} is ready at http://{args.host}:{args.port}/v1", file=sys.stderr)
+        return llm
+
+    app = create_app(
+        load, served_model_name=args.served_model_name or args.model,
+        api_key=args.api_key or os.environ.get("TOKENSIEVE_API_KEY"), max_queue=args.max_queue,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
+    server.run()
+    if app.state.server.load_error is not None:
+        raise app.state.server.load_error
+
+
 def cmd_bench(args) -> None:
     args.command_line = "tokensieve " + " ".join(sys.argv[1:])
     if args.bench == "spec":
@@ -184,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speculative_options(chat)
     chat.set_defaults(func=cmd_chat)
 
+    _add_serve_command(sub)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s beside transformers")
@@ -200,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed.set_defaults(func=cmd_bench, threads=2)
     add_longctx_parser(bench_sub, _add_model_options)
     bench_sub.choices["longctx"].set_defaults(func=cmd_bench)
+    from .bench.serve_parser import add_serve_parser
+
+    add_serve_parser(bench_sub, _add_model_options)  # `bench serve` runs through its own func
     spec = bench_sub.add_parser("spec", help="speculative decoding on Spec-Bench beside plain decoding and HF prompt lookup")
     _add_model_options(spec)
     from .bench.spec import QUESTIONS

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .engine.fairness import SCHEDULING
 from .errors import ConfigError
 from .policies import ALLOCATIONS, POLICIES, make_policy
 
@@ -116,6 +117,8 @@ class EngineConfig:
     kv_policy: KVPolicyConfig | None = None  # KV-cache eviction (None: keep everything)
     speculative: SpeculativeConfig | None = None  # speculative decoding for every request (None: only
     # for requests whose SamplingParams ask for it, with the default settings)
+    prefix_caching: bool = True  # full blocks of computed tokens are kept and shared by key (prefix_cache.py)
+    scheduling: str = "vtc"  # who is admitted first: "vtc" (fair between clients) or "fcfs"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -136,6 +139,8 @@ class EngineConfig:
                 "activations='int8' runs in the native CPU kernels: it needs native_kernels=True, dtype float32 "
                 f"and a CPU device (got native_kernels={self.native_kernels}, dtype {self.dtype}, device {self.device})"
             )
+        if self.scheduling not in SCHEDULING:
+            raise ConfigError(f"scheduling must be one of {', '.join(SCHEDULING)}, got {self.scheduling!r}")
         if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
             raise ConfigError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):

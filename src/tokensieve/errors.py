@@ -15,3 +15,12 @@ class RequestError(TokensieveError, ValueError):
 
 class ConfigError(TokensieveError, ValueError):
     """An engine, KV-policy or speculative setting is invalid, or settings do not fit together."""
+
+
+class ContextLengthError(RequestError):
+    """A prompt does not fit the model's context window (leaving one token to generate)."""
+
+    def __init__(self, max_model_len: int, num_tokens: int, message: str):
+        super().__init__(message)
+        self.max_model_len = max_model_len
+        self.num_tokens = num_tokens

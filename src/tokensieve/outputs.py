@@ -10,6 +10,16 @@ class RequestMetrics:
     time_to_first_token: float | None  # seconds from arrival (queueing and prefill)
     total_time: float  # seconds from arrival to this output
     decode_tokens_per_second: float | None  # output tokens after the first, per second
+    queue_time: float | None = None  # seconds from arrival until first scheduled
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (before sampling settings), and the likeliest tokens'."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), likeliest first
 
 
 @dataclass
@@ -22,6 +32,8 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop", "length" or "abort"
     metrics: RequestMetrics
+    logprobs: list[TokenLogprob] | None = None  # one per generated token, when the request asked
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     @property
     def num_prompt_tokens(self) -> int:

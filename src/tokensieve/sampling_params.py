@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from .errors import RequestError
 
+MAX_LOGPROBS = 20  # alternatives reported per token, at most (OpenAI's limit)
+
 
 @dataclass
 class SamplingParams:
@@ -20,6 +22,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     speculate: bool | None = None  # speculative decoding: None follows the engine, True/False force it
+    logprobs: int | None = None  # None: none; k: each generated token's log-probability and the k likeliest
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -35,6 +38,8 @@ class SamplingParams:
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
             (self.speculate in (None, True, False), f"speculate must be None, True or False, got {self.speculate!r}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -66,9 +66,10 @@ def run_longctx_benchmark(args) -> dict:
     require_matplotlib()
     torch.set_num_threads(args.threads)
     info = run_info(args)  # before the run: the commit and machine that ran it
-    llm = LLM(
+    llm = LLM(  # no prefix caching: every system computes every case's prompt, as transformers does
         args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_cache_bytes=args.kv_cache_bytes,
         prefill_chunk_size=args.prefill_chunk_size, max_batched_tokens=max(2048, args.prefill_chunk_size),
+        prefix_caching=False,
     )
     hf_model = None if args.no_transformers else load_hf_model(args.model, DTYPES[args.dtype])
     if hf_model is None:

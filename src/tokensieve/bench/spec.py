@@ -76,7 +76,8 @@ def run_spec_benchmark(args) -> dict:
     info = run_info(args)  # before the run: the commit and machine that ran it
     prompts = load_prompts(Path(args.questions), args.per_category)
     config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes)
-    plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations)
+    # no prefix caching: the prompts share the chat template's first tokens, and each must be computed whole
+    plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations, prefix_caching=False)
     spec = plain.with_options(speculative=config)
     hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)

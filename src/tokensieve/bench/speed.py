@@ -47,8 +47,10 @@ def run_speed_benchmark(args) -> dict:
     require_matplotlib()
     torch.set_num_threads(args.threads)
     info = run_info(args)  # before the run: the commit and machine that ran it
+    # no prefix caching: each setting runs the same prompts `repeats` times, and every run must compute them
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
-              kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations)
+              kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations,
+              prefix_caching=False)
     hf = load_hf_model(args.model, DTYPES[args.dtype])
     vocab = llm.engine.model.config.vocab_size
     result = info | {

@@ -1,31 +1,47 @@
-"""Hands out fixed-size KV blocks to sequences and accounts for them exactly. No tensors here."""
+"""Hands out fixed-size KV blocks to sequences and accounts for them exactly. No tensors here.
+
+With prefix caching, full blocks of computed tokens are cached (see prefix_cache.py): a table holds
+its cached prefix by reference, and a block nobody holds stays cached, counted as free, until the
+pool needs it.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+
 from .block_table import BlockTable
+from .prefix_cache import CachedBlock, PrefixCache
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int):
+    def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int, prefix_caching: bool = False):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
+        self.blocks_per_group = num_layers * num_kv_heads  # physical blocks behind one logical block
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._live: dict[int, BlockTable] = {}  # tables by id(), to count stored entries
+        self.prefix_cache = PrefixCache() if prefix_caching else None
         self.peak_used_blocks = 0  # most blocks handed out at once since the last reset_peak()
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks nobody holds: never used, or cached and evictable."""
+        evictable = self.prefix_cache.num_evictable if self.prefix_cache else 0
+        return len(self._free) + evictable * self.blocks_per_group
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free_blocks
 
     @property
     def num_stored_entries(self) -> int:
-        return int(sum(table.lengths.sum() for table in self._live.values()))
+        """Entries held by sequences; a shared cached block counts once."""
+        private = sum(int(table.lengths.sum()) - len(table.cached) * table.lengths.size * self.block_size
+                      for table in self._live.values())
+        shared = self.prefix_cache.num_held * self.blocks_per_group * self.block_size if self.prefix_cache else 0
+        return private + shared
 
     def new_table(self) -> BlockTable:
         table = BlockTable(self.num_layers, self.num_kv_heads, self.block_size)
@@ -36,26 +52,64 @@ class BlockManager:
         return int(table.blocks_needed(num_new).sum())
 
     def can_append(self, table: BlockTable, num_new: int) -> bool:
-        return self.blocks_needed(table, num_new) <= len(self._free)
+        return self.blocks_needed(table, num_new) <= self.num_free_blocks
 
     def reserve(self, table: BlockTable, num_new: int) -> None:
         """Give `table` enough blocks to append `num_new` entries to every (layer, head)."""
         needed = table.blocks_needed(num_new)
         total = int(needed.sum())
-        if total > len(self._free):
-            raise MemoryError(f"need {total} KV blocks, {len(self._free)} free")
+        if total > self.num_free_blocks:
+            raise MemoryError(f"need {total} KV blocks, {self.num_free_blocks} free")
+        while total > len(self._free):  # the least recently used cached blocks make room
+            self._free.extend(self.prefix_cache.evict())
         if total:
             block_ids = self._free[-total:]
             del self._free[-total:]
             table.add_blocks(needed, block_ids)
-            self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
+            self._update_peak()
+
+    def _update_peak(self) -> None:
+        self.peak_used_blocks = max(self.peak_used_blocks, self.num_used_blocks)
 
     def reset_peak(self) -> None:
         self.peak_used_blocks = self.num_used_blocks
 
+    # ---- prefix caching -------------------------------------------------------------------------
+    def cached_prefix(self, keys: list[int], token_ids: list[int]) -> list[CachedBlock]:
+        """The cached blocks matching the first blocks of `token_ids` (keys: their block keys)."""
+        return self.prefix_cache.lookup(keys, token_ids, self.block_size) if self.prefix_cache else []
+
+    def share(self, table: BlockTable, blocks: list[CachedBlock]) -> None:
+        """Start an empty `table` with the cached `blocks` as its prefix (their entries count as stored)."""
+        if not blocks:
+            return
+        assert not table.num_blocks.any(), "a cached prefix goes only into an empty table"
+        self.prefix_cache.acquire(blocks)
+        table.add_blocks(np.full_like(table.num_blocks, len(blocks)), np.stack([b.block_ids for b in blocks], -1).ravel())
+        table.lengths[:] = len(blocks) * self.block_size
+        table.cached = list(blocks)
+        self._update_peak()
+
+    def cache_full_blocks(self, table: BlockTable, keys: list[int], token_ids: list[int]) -> None:
+        """Cache the table's full blocks of computed entries beyond its cached prefix (keys: their block
+        keys). A table whose entries a KV policy chose per head has nothing to cache."""
+        if self.prefix_cache is None or not table.layers_aligned():
+            return
+        num_full = min(len(keys), int(table.lengths.flat[0]) // self.block_size)
+        size = self.block_size
+        for index in range(len(table.cached), num_full):
+            parent = keys[index - 1] if index else None
+            block = self.prefix_cache.add(keys[index], parent, tuple(token_ids[index * size : (index + 1) * size]),
+                                          table.blocks[:, :, index])
+            if block is None:  # another sequence computed the same block first: this copy stays private
+                return
+            table.cached.append(block)
+
+    # ---- shrinking and freeing ---------------------------------------------------------------------
     def compact(self, table: BlockTable, keep) -> tuple:
         """Keep only the entries `keep` marks (see BlockTable.compact); freed blocks return to the pool.
         Returns the (source, destination) slots whose contents the caller must move."""
+        assert not table.cached, "a KV policy never compresses a table that shares cached blocks"
         source, destination, freed = table.compact(keep)
         self._free.extend(freed)
         return source, destination
@@ -68,8 +122,10 @@ class BlockManager:
         return source, destination
 
     def release(self, table: BlockTable) -> None:
-        """Return every block of `table` to the pool; the table stays usable (empty)."""
-        self._free.extend(table.all_block_ids())
+        """Return every block of `table` to the pool (its cached prefix to the cache); the table stays usable (empty)."""
+        self._free.extend(table.private_block_ids())
+        if table.cached:
+            self.prefix_cache.release(table.cached)
         table.clear()
 
     def drop(self, table: BlockTable) -> None:

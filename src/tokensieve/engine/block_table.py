@@ -16,6 +16,7 @@ class BlockTable:
         self.num_blocks = np.zeros((num_layers, num_kv_heads), dtype=np.int64)
         self.lengths = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # stored entries
         self.compacted = False  # a policy chose entries per (layer, head): entry i may differ between layers
+        self.cached: list = []  # CachedBlocks behind the first logical blocks: shared, never written
 
     def blocks_needed(self, num_new: int) -> np.ndarray:
         """Blocks each (layer, head) must gain to store `num_new` more entries."""
@@ -92,14 +93,17 @@ class BlockTable:
         """True while every (layer, head) holds the same entries in the same places (nothing evicted)."""
         return not self.compacted and bool((self.lengths == self.lengths.flat[0]).all())
 
-    def all_block_ids(self) -> list[int]:
-        keep = np.arange(self.blocks.shape[2]) < self.num_blocks[:, :, None]
+    def private_block_ids(self) -> list[int]:
+        """Ids of the blocks this table alone holds (all but the cached prefix)."""
+        index = np.arange(self.blocks.shape[2])
+        keep = (index >= len(self.cached)) & (index < self.num_blocks[:, :, None])
         return self.blocks[keep].tolist()
 
     def clear(self) -> None:
         self.num_blocks[:] = 0
         self.lengths[:] = 0
         self.compacted = False
+        self.cached = []
 
     def padded_blocks(self, width: int) -> np.ndarray:
         """Block ids [layers, heads, width], padded with block 0 (masked out by the lengths)."""

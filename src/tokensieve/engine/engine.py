@@ -12,15 +12,16 @@ import torch
 
 from ..cache import cache_root
 from ..config import EngineConfig, SpeculativeConfig
-from ..errors import RequestError
+from ..errors import ContextLengthError, RequestError
 from ..kernels import native_kernels
 from ..models.llama import LlamaModel
-from ..outputs import RequestMetrics, RequestOutput
+from ..outputs import RequestMetrics, RequestOutput, TokenLogprob
 from ..sampling_params import SamplingParams
 from ..speculative.latency import CONTEXTS as LATENCY_CONTEXTS, LatencyTable
 from ..speculative.speculator import Speculator
 from ..weights import load_model, load_tokenizer
 from .block_manager import BlockManager
+from .fairness import make_fairness
 from .kv_compression import KVCompressor
 from .kv_pool import KVPool
 from .latency_probe import LatencyProbe
@@ -47,8 +48,13 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, config.torch_dtype)
         self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device, self.kernels)
-        self.block_manager = BlockManager(num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads, config.prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size,
+            make_fairness(config.scheduling),
+        )
         policy = config.kv_policy
         self.compressor = KVCompressor(policy, self.pool, self.block_manager) if policy and policy.evicts else None
         self.runner = ModelRunner(self.model, self.pool, self.kernels, self.compressor)
@@ -59,6 +65,7 @@ class LLMEngine:
         self._sequences: dict[str, Sequence] = {}
         self._texts: dict[str, OutputText] = {}
         self._arrivals = itertools.count()
+        self.counts = dict.fromkeys(("steps", "prompt_tokens", "generation_tokens", "spec_draft_tokens", "spec_accepted_tokens"), 0)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -68,15 +75,22 @@ class LLMEngine:
         request_id: str | None = None,
         want_prompt_logits: bool = False,
         compress_len: int | None = None,
+        *,
+        client: str = "default",
+        priority: int = 0,
     ) -> str:
         """Queue a request; raises RequestError (and changes nothing) if it cannot be served.
 
         `compress_len`: only the first that many prompt tokens are compressed by the KV policy while
         prefilling (the context); the rest (the question) is seen after compression: query-agnostic.
+        `client` names who sent it (fair scheduling shares the engine between clients); `priority`
+        orders that client's requests (lower first).
         """
         self._validate(prompt_token_ids, params, want_prompt_logits)
         if compress_len is not None and not (isinstance(compress_len, int) and 1 <= compress_len <= len(prompt_token_ids)):
             raise RequestError(f"compress_len must be in [1, {len(prompt_token_ids)}] (the prompt's length), got {compress_len!r}")
+        if not isinstance(priority, int):
+            raise RequestError(f"priority must be an integer, got {priority!r}")
         request_id = request_id or f"req-{secrets.token_hex(6)}"
         if request_id in self._sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
@@ -86,13 +100,22 @@ class LLMEngine:
             generator=torch.Generator(self.device).manual_seed(seed),
             want_prompt_logits=want_prompt_logits,
             compress_len=(compress_len or len(prompt_token_ids)) if self.compressor else None,
-            speculates=params.speculate if params.speculate is not None else self.config.speculative is not None,
+            # a request that asks for logprobs decodes plainly: verification does not compute them
+            speculates=params.logprobs is None and (
+                params.speculate if params.speculate is not None else self.config.speculative is not None
+            ),
+            client=str(client),
+            priority=priority,
+            logprobs=[] if params.logprobs is not None else None,
         )
+        # a sequence whose KV policy compresses it holds only blocks of its own (its entries differ per head)
+        seq.shares_prefix = self.block_manager.prefix_cache is not None and seq.compress_len is None and not want_prompt_logits
         if seq.speculates:
             self._speculator().prepare(seq)
         self._sequences[request_id] = seq
         self._texts[request_id] = OutputText(self.tokenizer, seq.prompt_token_ids, params.stop)
         self.scheduler.add(seq)
+        self.counts["prompt_tokens"] += len(prompt_token_ids)
         return request_id
 
     def _speculator(self) -> Speculator:
@@ -121,17 +144,23 @@ class LLMEngine:
             raise RequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         limit = self.max_model_len if want_prompt_logits else self.max_model_len - 1
         if len(prompt_token_ids) > limit:
-            raise RequestError(
-                f"the prompt has {len(prompt_token_ids)} tokens but the context window is {self.max_model_len} "
-                f"tokens{'' if want_prompt_logits else ' (and at least one must be left to generate)'}"
-            )
+            raise ContextLengthError(self.max_model_len, len(prompt_token_ids), (
+                f"maximum context length is {self.max_model_len} tokens; your request has {len(prompt_token_ids)} "
+                f"tokens in its prompt{'' if want_prompt_logits else ' (and at least one must be left to generate)'}"
+            ))
         entries = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
-        blocks = -(-entries // self.config.block_size) * self.model.config.num_layers * self.model.config.num_kv_heads
-        if blocks > self.block_manager.num_blocks:
+        if entries > self.max_request_tokens:
+            blocks = -(-entries // self.config.block_size) * self.block_manager.blocks_per_group
             raise RequestError(
                 f"the request may need {blocks} KV blocks ({entries} tokens) but the pool has "
                 f"{self.block_manager.num_blocks}; raise kv_cache_bytes or lower max_tokens"
             )
+
+    @property
+    def max_request_tokens(self) -> int:
+        """Prompt and output tokens one request may hold: the context window, or less when the pool is smaller."""
+        pool_tokens = self.block_manager.num_blocks // self.block_manager.blocks_per_group * self.config.block_size
+        return min(self.max_model_len, pool_tokens)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; unknown or finished ids are ignored."""
@@ -168,6 +197,7 @@ class LLMEngine:
             seq.draft = None  # a draft the schedule did not take is stale by the next step
         if not schedule.chunks:
             return []
+        self.counts["steps"] += 1
         if drafted:  # the tokens per sequence before the step, as drafting measures them
             context = sum(len(c.seq.token_ids) for c in schedule.chunks) / len(schedule.chunks)
         logits, chunk_rows = self.runner.run(schedule.chunks)
@@ -183,6 +213,7 @@ class LLMEngine:
                 first_position = seq.num_processed + chunk.num_tokens - (rows.stop - rows.start)
                 self.speculator.learn_prefill(seq.token_ids[first_position : seq.num_processed + chunk.num_tokens], logits[rows])
             seq.num_processed += chunk.num_tokens
+            self.scheduler.cache_computed(seq)
             if self.compressor is not None:
                 self.compressor.after_forward(seq)
             if completes:
@@ -190,6 +221,7 @@ class LLMEngine:
                 sampled_rows.append(rows.stop - 1)
         if sampled_seqs:
             tokens = sample_tokens(logits[sampled_rows], sampled_seqs, self.kernels)
+            self._record_logprobs(logits[sampled_rows], sampled_seqs, tokens)
             outputs += [self._append_tokens(seq, [token]) for seq, token in zip(sampled_seqs, tokens)]
         if drafted and all(c.draft is not None or c.num_tokens == 1 for c in schedule.chunks):
             rows = sum(c.num_tokens for c in schedule.chunks)
@@ -212,6 +244,9 @@ class LLMEngine:
         if len(source):
             self.pool.move(torch.from_numpy(source).to(self.device), torch.from_numpy(destination).to(self.device))
         seq.num_processed += len(path)
+        self.scheduler.cache_computed(seq)
+        self.counts["spec_draft_tokens"] += len(block) - 1
+        self.counts["spec_accepted_tokens"] += len(emitted) - 1
         if self.compressor is not None:
             self.compressor.after_forward(seq)
         return self._append_tokens(seq, emitted)
@@ -222,6 +257,8 @@ class LLMEngine:
         params = seq.params
         for token in tokens:
             seq.append_token(token)
+            self.counts["generation_tokens"] += 1
+            self.scheduler.fairness.on_generated(seq, 1)
             if (token in self.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
                 seq.finish("stop")
             elif text.update(seq.token_ids):
@@ -232,6 +269,21 @@ class LLMEngine:
                 self.scheduler.remove(seq)
                 break
         return self._output(seq, text)
+
+    @staticmethod
+    def _record_logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> None:
+        """The model's log-probabilities (before any sampling setting) of each sampled token and its rivals."""
+        rows = [i for i, seq in enumerate(seqs) if seq.logprobs is not None]
+        if not rows:
+            return
+        logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+        for row, seq_logprobs in zip(rows, logprobs):
+            seq, token = seqs[row], tokens[row]
+            top = torch.topk(seq_logprobs, seq.params.logprobs) if seq.params.logprobs else None
+            seq.logprobs.append(TokenLogprob(
+                token, float(seq_logprobs[token]),
+                list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [],
+            ))
 
     def _output(self, seq: Sequence, text: OutputText) -> RequestOutput:
         now = seq.finish_time or time.perf_counter()
@@ -249,7 +301,10 @@ class LLMEngine:
                 time_to_first_token=ttft,
                 total_time=now - seq.arrival_time,
                 decode_tokens_per_second=(seq.num_output_tokens - 1) / decode_time if decode_time > 0 else None,
+                queue_time=seq.first_scheduled_time - seq.arrival_time if seq.first_scheduled_time else None,
             ),
+            logprobs=list(seq.logprobs[: seq.num_output_tokens]) if seq.logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
         )
 
     # ---- memory -------------------------------------------------------------------------
@@ -261,4 +316,25 @@ class LLMEngine:
             "allocated_bytes": self.block_manager.num_used_blocks * self.pool.bytes_per_block,
             "peak_allocated_bytes": self.block_manager.peak_used_blocks * self.pool.bytes_per_block,
             "in_use_bytes": self.block_manager.num_stored_entries * self.pool.bytes_per_entry,
+        }
+
+    def stats(self) -> dict:
+        """What a server reports: load, KV use, prefix-cache and speculation counts (cumulative ones since start)."""
+        manager, scheduler, cache = self.block_manager, self.scheduler, self.block_manager.prefix_cache
+        waiting_by_client: dict[str, int] = {}
+        for seq in scheduler.waiting:
+            waiting_by_client[seq.client] = waiting_by_client.get(seq.client, 0) + 1
+        memory = self.kv_memory()
+        return {
+            "running": len(scheduler.running),
+            "waiting": len(scheduler.waiting),
+            "waiting_by_client": waiting_by_client,
+            "kv_usage": manager.num_used_blocks / manager.num_blocks,
+            "kv_in_use_bytes": memory["in_use_bytes"],
+            "kv_allocated_bytes": memory["allocated_bytes"],
+            "kv_capacity_bytes": memory["capacity_bytes"],
+            "prefix_cache_queries": cache.num_queried_tokens if cache else 0,
+            "prefix_cache_hits": cache.num_hit_tokens if cache else 0,
+            "preemptions": scheduler.num_preemptions,
+            **self.counts,
         }

@@ -1,18 +1,23 @@
 """Continuous batching: which sequences run in the next forward, and how many tokens each. Plain Python.
 
 Each step first gives every decoding sequence its one token, then fills the token budget with
-prefill chunks (oldest first), then admits waiting sequences while blocks and budget allow.
-When the pool cannot hold what an older sequence needs, the newest running sequence is
-preempted: its blocks are freed and it is recomputed later from its tokens.
+prefill chunks (oldest first), then admits waiting sequences, in the fairness policy's order, while
+blocks and budget allow. A sequence admitted starts from the longest cached prefix of its tokens; one
+whose next block another running sequence is computing right now waits for it (BatchLLM's grouping:
+a shared prefix is computed once). When the pool cannot hold what a running sequence needs, the
+fairness policy names a victim: its blocks are released (its cached blocks stay in the prefix cache)
+and it is recomputed later from its tokens, starting from what the cache still holds.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .block_manager import BlockManager
+from .fairness import FirstComeFirstServed, VirtualTokenCounter
+from .prefix_cache import extend_block_keys
 from .sequence import Sequence, SequenceStatus
 
 
@@ -35,12 +40,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int, prefill_chunk_size: int):
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_batched_tokens: int, prefill_chunk_size: int,
+        fairness: FirstComeFirstServed | VirtualTokenCounter | None = None,
+    ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.prefill_chunk_size = prefill_chunk_size
-        self.waiting: deque[Sequence] = deque()
+        self.fairness = fairness or FirstComeFirstServed()
+        self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # kept in arrival order
         self.num_preemptions = 0
 
@@ -48,6 +57,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
+        self.fairness.on_waiting(seq, self.waiting, self.running)
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
@@ -59,6 +69,12 @@ class Scheduler:
         if seq.block_table is not None:
             self.block_manager.drop(seq.block_table)
             seq.block_table = None
+
+    def cache_computed(self, seq: Sequence) -> None:
+        """Put the sequence's newly computed full blocks in the prefix cache (after its forward)."""
+        if seq.shares_prefix:
+            extend_block_keys(seq.block_keys, seq.token_ids, self.block_manager.block_size)
+            self.block_manager.cache_full_blocks(seq.block_table, seq.block_keys, seq.token_ids)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -98,9 +114,9 @@ class Scheduler:
         return num_tokens
 
     def _make_room(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Preempt the newest running sequences until `seq` fits; False if `seq` itself had to go."""
+        """Preempt the fairness policy's victims until `seq` fits; False if `seq` itself had to go."""
         while not self.block_manager.can_append(seq.block_table, num_tokens):
-            victim = self.running[-1]
+            victim = self.fairness.victim(self.running)
             self._preempt(victim, out)
             if victim is seq:
                 return False
@@ -117,21 +133,65 @@ class Scheduler:
         victim.num_preemptions += 1
         self.num_preemptions += 1
         victim.status = SequenceStatus.WAITING
-        self.waiting.appendleft(victim)
+        self.add(victim)
         out.preempted.append(victim)
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        pending = self._keys_being_computed()
+        deferred: set[int] = set()
+        while budget > 0 and len(self.running) < self.max_num_seqs:
+            candidates = [s for s in self.fairness.admission_order(self.waiting) if id(s) not in deferred]
+            if not candidates:
+                break
+            seq = candidates[0]
             if seq.block_table is None:
                 seq.block_table = self.block_manager.new_table()
+            cached = self._start_from_cache(seq, pending)
+            if cached is None:  # its next block is being computed: wait for it and take it from the cache
+                deferred.add(id(seq))
+                continue
             num_tokens = self._chunk_size(seq, budget)
             if not self.block_manager.can_append(seq.block_table, num_tokens):
+                self.block_manager.release(seq.block_table)
+                seq.num_processed = 0
                 break
-            self.waiting.popleft()
+            self._record_cache_query(seq, cached)
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             self.running.sort(key=lambda s: s.arrival_order)
+            self.fairness.on_admitted(seq)
             self.block_manager.reserve(seq.block_table, num_tokens)
             out.chunks.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
+            if seq.shares_prefix:
+                pending.update(seq.block_keys[len(seq.block_table.cached) :])
+
+    def _keys_being_computed(self) -> set[int]:
+        """Block keys that running sequences are prefilling and have not cached yet."""
+        return {key for s in self.running if s.shares_prefix and s.num_unprocessed > 1
+                for key in s.block_keys[len(s.block_table.cached) :]}
+
+    def _start_from_cache(self, seq: Sequence, pending: set[int]) -> int | None:
+        """Give an empty sequence the longest cached prefix of its tokens (at least its last token is
+        left to compute); returns the number of cached tokens, or None when a running sequence is
+        computing its next block."""
+        if not seq.shares_prefix or seq.num_processed:
+            return 0
+        size = self.block_manager.block_size
+        extend_block_keys(seq.block_keys, seq.token_ids, size)
+        keys = seq.block_keys[: (len(seq.token_ids) - 1) // size]
+        blocks = self.block_manager.cached_prefix(keys, seq.token_ids)
+        if len(blocks) < len(keys) and keys[len(blocks)] in pending:
+            return None
+        self.block_manager.share(seq.block_table, blocks)
+        seq.num_processed = len(blocks) * size
+        return seq.num_processed
+
+    def _record_cache_query(self, seq: Sequence, num_cached: int) -> None:
+        cache = self.block_manager.prefix_cache
+        if cache is not None and seq.shares_prefix and seq.num_preemptions == 0:
+            seq.num_cached_tokens = num_cached
+            cache.record_query(seq.num_prompt_tokens, num_cached)
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = time.perf_counter()

@@ -39,7 +39,14 @@ class Sequence:
     draft: Any = None  # the VerificationBlock of the next forward, when speculating
     drafter_state: dict = field(default_factory=dict)  # each drafter's memory of this sequence
     first_logits_position: int | None = None  # prompt positions from here on get logits (None: only the last)
+    client: str = "default"  # who sent it: fair scheduling shares the engine between clients
+    priority: int = 0  # lower runs first among the same client's requests
+    logprobs: list[Any] | None = None  # a TokenLogprob per generated token, when params.logprobs is set
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    shares_prefix: bool = False  # takes its prefix from the prefix cache and adds its full blocks to it
+    block_keys: list[int] = field(default_factory=list)  # prefix-cache key of each full block of token_ids
     arrival_time: float = field(default_factory=time.perf_counter)
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
 

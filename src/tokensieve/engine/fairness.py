@@ -1,0 +1,71 @@
+"""Who is admitted next and who is preempted first. Plain Python.
+
+`VirtualTokenCounter` is VTC ("Fairness in Serving Large Language Models", OSDI 2024): one counter per
+client, charged for the work the engine does for it (w_in per prompt token at admission, w_out per
+generated token); the backlogged client with the smallest counter is admitted first, and a client that
+becomes backlogged is lifted to the smallest counter of those waiting, so idling earns no credit. When
+the pool is short, the running client with the largest counter gives up a sequence first.
+`FirstComeFirstServed` is the plain order, for comparison.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+from .sequence import Sequence
+
+SCHEDULING = ("vtc", "fcfs")
+
+
+class FirstComeFirstServed:
+    def on_waiting(self, seq: Sequence, waiting: Iterable[Sequence], running: Iterable[Sequence]) -> None:
+        pass
+
+    def on_admitted(self, seq: Sequence) -> None:
+        pass
+
+    def on_generated(self, seq: Sequence, num_tokens: int) -> None:
+        pass
+
+    def admission_order(self, waiting: Iterable[Sequence]) -> list[Sequence]:
+        return sorted(waiting, key=lambda s: s.arrival_order)
+
+    def victim(self, running: list[Sequence]) -> Sequence:
+        """The newest running sequence."""
+        return max(running, key=lambda s: s.arrival_order)
+
+
+class VirtualTokenCounter:
+    def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0):
+        self.input_weight = input_weight
+        self.output_weight = output_weight
+        self.counters: dict[str, float] = defaultdict(float)
+
+    def on_waiting(self, seq: Sequence, waiting: Iterable[Sequence], running: Iterable[Sequence]) -> None:
+        """`seq` joins the waiting queue; if its client was not backlogged, lift its counter."""
+        waiting = list(waiting)
+        if any(s.client == seq.client for s in waiting):
+            return
+        peers = {s.client for s in waiting} or {s.client for s in running if s.client != seq.client}
+        if peers:
+            self.counters[seq.client] = max(self.counters[seq.client], min(self.counters[c] for c in peers))
+
+    def on_admitted(self, seq: Sequence) -> None:
+        if seq.num_preemptions == 0:  # recomputing after a preemption is not the client's doing
+            self.counters[seq.client] += self.input_weight * seq.num_prompt_tokens
+
+    def on_generated(self, seq: Sequence, num_tokens: int) -> None:
+        self.counters[seq.client] += self.output_weight * num_tokens
+
+    def admission_order(self, waiting: Iterable[Sequence]) -> list[Sequence]:
+        """Least-served client first; within a client, lower priority value, then arrival."""
+        return sorted(waiting, key=lambda s: (self.counters[s.client], s.priority, s.arrival_order))
+
+    def victim(self, running: list[Sequence]) -> Sequence:
+        """A sequence of the most-served running client: its lowest priority, newest."""
+        return max(running, key=lambda s: (self.counters[s.client], s.priority, s.arrival_order))
+
+
+def make_fairness(name: str) -> FirstComeFirstServed | VirtualTokenCounter:
+    return VirtualTokenCounter() if name == "vtc" else FirstComeFirstServed()
