@@ -10,15 +10,16 @@ import time
 from tokensieve.errors import RequestError
 from tokensieve.outputs import RequestMetrics, RequestOutput
 from tokensieve.sampling_params import SamplingParams
-from tokensieve.server.engine_thread import ACCEPTED, EngineStepError, EngineThread, Submission
+from tokensieve.server.engine_thread import _STOP, ACCEPTED, EngineStepError, EngineThread, ServerStopping, Submission
 
 
 class StandInEngine:
     """Enough of LLMEngine for the thread: each step gives every request one token, up to its max_tokens;
     the steps numbered in `failing_steps` raise."""
 
-    def __init__(self, failing_steps=()):
+    def __init__(self, failing_steps=(), failing_stats=()):
         self.failing_steps, self.steps, self.generated = set(failing_steps), 0, 0
+        self.failing_stats = set(failing_stats)  # stats() raises after these steps: a failure outside the step
         self.requests: dict[str, list] = {}  # request id -> [tokens so far, max_tokens]
         self.released: list[str] = []
         self.aborted: list[str] = []
@@ -57,6 +58,9 @@ class StandInEngine:
         self.released.append(request_id)
 
     def stats(self) -> dict:
+        if self.steps in self.failing_stats:
+            self.failing_stats.discard(self.steps)
+            raise RuntimeError("the stats broke")
         return {"waiting_by_client": {}, "generation_tokens": self.generated}
 
 
@@ -114,6 +118,31 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_thread_serves_on():
         assert served[-1].finished and engine.released == ["b"] and engine_thread.is_alive()
 
     _with_thread(engine, scenario)
+
+
+def test_a_failure_outside_the_step_fails_the_requests_in_flight_and_the_thread_serves_on():
+    engine = StandInEngine(failing_stats={1})
+
+    async def scenario(engine_thread):
+        failed = await _replies(engine_thread, "a", max_tokens=5)
+        assert isinstance(failed[-1], EngineStepError) and "the stats broke" in str(failed[-1])
+        served = await _replies(engine_thread, "b", max_tokens=2)
+        assert served[-1].finished and engine_thread.is_alive()
+
+    _with_thread(engine, scenario)
+
+
+def test_stopping_answers_every_submission_still_queued():
+    async def scenario():
+        engine_thread = EngineThread(StandInEngine())  # not started: the stop and the submission queue together
+        outputs: asyncio.Queue = asyncio.Queue()
+        engine_thread._inbox.put(_STOP)
+        engine_thread.submit(Submission(["a"], [1], [SamplingParams()], "c", 0, asyncio.get_running_loop(), outputs))
+        engine_thread.start()
+        assert isinstance(await asyncio.wait_for(outputs.get(), 5), ServerStopping)
+        engine_thread.stop()
+
+    asyncio.run(scenario())
 
 
 def test_abort_stops_a_request():

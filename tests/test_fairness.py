@@ -28,6 +28,19 @@ def test_vtc_admits_the_least_served_client_first_and_lifts_a_newcomer():
     assert vtc.admission_order(heavy[2:] + [light])[0] is light  # it arrived last but is served next
 
 
+def test_a_client_arriving_at_an_idle_engine_starts_where_the_last_one_left():
+    vtc = VirtualTokenCounter()
+    alone = request(0, "alone", prompt_len=15000)
+    vtc.on_waiting(alone, [], [])
+    vtc.on_admitted(alone)  # served alone, then gone
+    newcomer = request(1, "newcomer")
+    vtc.on_waiting(newcomer, [], [])
+    assert vtc.counters["newcomer"] == 15000  # not 0: it may not shut "alone" out when both come back
+    vtc.on_waiting(request(2, "alone"), [newcomer], [])
+    order = vtc.admission_order([request(3, "alone"), request(4, "newcomer")])
+    assert [s.client for s in order] == ["alone", "newcomer"]  # equal counters: arrival order
+
+
 def test_priority_orders_requests_within_a_client_and_the_busiest_client_is_preempted():
     vtc = VirtualTokenCounter()
     urgent, normal = request(0, "a", priority=1), request(1, "a", priority=-1)

@@ -50,7 +50,9 @@ def test_int8_matmul_is_the_rounded_rows_times_the_gguf_weights(kernels, type_na
 
 @pytest.fixture(scope="module")
 def int8_llm():
-    return LLM("smollm2-135m", activations="int8")
+    # no prefix caching: a prompt started from cached KV computes its last tokens in another prefill chunk,
+    # whose float32 attention rounding int8 rounding can turn into another token (README, int8 activations)
+    return LLM("smollm2-135m", activations="int8", prefix_caching=False)
 
 
 @pytest.fixture(scope="module")

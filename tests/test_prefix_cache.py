@@ -37,12 +37,33 @@ def run(scheduler, steps=1):
                 seq.append_token(1000 + seq.num_output_tokens)
 
 
+def block_keys(token_ids, known=()):
+    keys = list(known)
+    extend_block_keys(keys, token_ids, BLOCK)
+    return keys
+
+
 def test_block_keys_chain_the_whole_prefix():
-    a = extend_block_keys([], [1, 2, 3, 4, 5, 6, 7, 8, 9], BLOCK)
-    b = extend_block_keys([], [9, 2, 3, 4, 5, 6, 7, 8], BLOCK)
+    a, b = block_keys([1, 2, 3, 4, 5, 6, 7, 8, 9]), block_keys([9, 2, 3, 4, 5, 6, 7, 8])
     assert len(a) == 2 and len(b) == 2  # only full blocks have keys
     assert a[0] != b[0] and a[1] != b[1]  # the same second block behind another first block is another key
-    assert extend_block_keys(a[:1], [1, 2, 3, 4, 5, 6, 7, 8], BLOCK) == a
+    assert block_keys([1, 2, 3, 4, 5, 6, 7, 8], known=a[:1]) == a
+
+
+def test_a_block_computed_twice_is_kept_once():
+    scheduler = make_scheduler()
+    manager = scheduler.block_manager
+    a, b = caching_seq(0, range(10)), caching_seq(1, range(10))
+    b.shares_prefix = False  # b computes the same blocks privately, as if admitted in the same step
+    for seq in (a, b):
+        scheduler.add(seq)
+    run(scheduler)
+    used = manager.num_used_blocks
+    b.shares_prefix = True
+    scheduler.cache_computed(b)  # b's copies of a's cached blocks go back; b holds a's
+    assert b.block_table.cached == a.block_table.cached and [blk.refs for blk in a.block_table.cached] == [2, 2]
+    assert (b.block_table.blocks[:, :, :2] == a.block_table.blocks[:, :, :2]).all()
+    assert manager.num_used_blocks == used - 2 * GROUP
 
 
 def test_a_second_request_starts_from_the_cached_prefix_and_computes_at_least_one_token():

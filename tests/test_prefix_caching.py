@@ -77,17 +77,18 @@ def test_cached_blocks_are_never_written_by_the_sequences_sharing_them(llm):
     assert all(torch.equal(b, a) for b, a in zip(before, after))
 
 
-def test_a_kv_policy_on_top_stops_sharing_and_changes_nothing(llm):
-    """A sequence that a KV policy compresses holds only blocks of its own: compression keeps different
-    entries in each (layer, head), so its blocks never hold what a key names, and shared blocks are
-    never compacted (BlockManager refuses)."""
+def test_a_kv_policy_on_top_stops_sharing_and_changes_nothing(llm, caplog):
+    """Under a KV policy that evicts, sequences hold only blocks of their own: compression keeps different
+    entries in each (layer, head), so a block never again holds what a key names; the engine says so,
+    and shared blocks are never compacted (BlockManager refuses, test_prefix_cache.py)."""
     policy = KVPolicyConfig("streaming_llm", budget=64)
     on = llm.with_options(kv_cache_bytes=128 * 1024**2, kv_policy=policy)
+    assert "prefix caching is off: KV policy 'streaming_llm'" in caplog.text
     off = llm.with_options(kv_cache_bytes=128 * 1024**2, kv_policy=policy, prefix_caching=False)
     cached, plain = on.generate(chats()[:2], GREEDY), off.generate(chats()[:2], GREEDY)
     assert [o.token_ids for o in cached] == [o.token_ids for o in plain]
-    assert all(o.num_cached_tokens == 0 for o in cached) and not cached_blocks(on.engine)
-    assert on.engine.compressor.num_compressions > 0
+    assert all(o.num_cached_tokens == 0 for o in cached) and on.engine.block_manager.prefix_cache is None
+    assert on.engine.compressor.num_compressions > 0 and on.engine.block_manager.num_used_blocks == 0
 
 
 def test_caching_off_keeps_nothing_and_reports_no_queries(llm):

@@ -286,6 +286,8 @@ def test_unknown_and_unsupported_fields_are_refused(server):
     assert error["param"] == "echo"
     neutral = {"messages": CHAT, "max_tokens": 1, "presence_penalty": 0, "tools": None, "logit_bias": {}}
     assert http.post("/v1/chat/completions", json=neutral).status_code == 200
+    nulls = {"messages": CHAT, "max_tokens": 1, "temperature": None, "n": None, "top_p": None, "stream": None}
+    assert http.post("/v1/chat/completions", json=nulls).status_code == 200  # null asks for the default
 
 
 def test_unknown_model(server):
@@ -305,6 +307,8 @@ def test_api_key(keyed_server):
     with pytest.raises(openai.AuthenticationError):
         keyed_server.client("wrong").models.list()
     assert _error(keyed_server.http().get("/v1/models"), 401)["code"] == "invalid_api_key"
+    broken = keyed_server.http().post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert _error(broken, 401)["code"] == "invalid_api_key"  # the key is checked before the body is read
     assert keyed_server.http().get("/health").status_code == 200
     reply = keyed_server.client("sesame").chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2)
     assert reply.choices[0].message.content is not None

@@ -99,10 +99,16 @@ class BlockManager:
         size = self.block_size
         for index in range(len(table.cached), num_full):
             parent = keys[index - 1] if index else None
-            block = self.prefix_cache.add(keys[index], parent, tuple(token_ids[index * size : (index + 1) * size]),
-                                          table.blocks[:, :, index])
-            if block is None:  # another sequence computed the same block first: this copy stays private
-                return
+            tokens = tuple(token_ids[index * size : (index + 1) * size])
+            block = self.prefix_cache.add(keys[index], parent, tokens, table.blocks[:, :, index])
+            if block is None:  # another sequence computed the same block first: share that one, free this copy
+                block = self.prefix_cache.lookup([keys[index]], list(tokens), size, parent)
+                if not block:  # a key collision: the rest stays private
+                    return
+                block = block[0]
+                self.prefix_cache.acquire([block])
+                self._free.extend(table.blocks[:, :, index].ravel().tolist())
+                table.blocks[:, :, index] = block.block_ids
             table.cached.append(block)
 
     # ---- shrinking and freeing ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import secrets
 import time
 
@@ -31,6 +32,8 @@ from .sampler import sample_tokens
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
 
+log = logging.getLogger(__name__)
+
 
 class LLMEngine:
     def __init__(self, model: str | LlamaModel, config: EngineConfig | None = None, tokenizer=None):
@@ -48,15 +51,19 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, config.torch_dtype)
         self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device, self.kernels)
+        policy = config.kv_policy
+        evicts = policy is not None and policy.evicts
+        if evicts and config.prefix_caching:
+            log.warning("prefix caching is off: KV policy %r compresses each sequence's blocks, which then hold other "
+                        "entries in each (layer, head) than a block key names", policy.name)
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads, config.prefix_caching
+            num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads, config.prefix_caching and not evicts
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size,
             make_fairness(config.scheduling),
         )
-        policy = config.kv_policy
-        self.compressor = KVCompressor(policy, self.pool, self.block_manager) if policy and policy.evicts else None
+        self.compressor = KVCompressor(policy, self.pool, self.block_manager) if evicts else None
         self.runner = ModelRunner(self.model, self.pool, self.kernels, self.compressor)
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -65,7 +72,7 @@ class LLMEngine:
         self._sequences: dict[str, Sequence] = {}
         self._texts: dict[str, OutputText] = {}
         self._arrivals = itertools.count()
-        self.counts = dict.fromkeys(("steps", "prompt_tokens", "generation_tokens", "spec_draft_tokens", "spec_accepted_tokens"), 0)
+        self.counts = dict.fromkeys(("steps", "generation_tokens", "spec_draft_tokens", "spec_accepted_tokens"), 0)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(
@@ -108,14 +115,12 @@ class LLMEngine:
             priority=priority,
             logprobs=[] if params.logprobs is not None else None,
         )
-        # a sequence whose KV policy compresses it holds only blocks of its own (its entries differ per head)
-        seq.shares_prefix = self.block_manager.prefix_cache is not None and seq.compress_len is None and not want_prompt_logits
+        seq.shares_prefix = self.block_manager.prefix_cache is not None and not want_prompt_logits
         if seq.speculates:
             self._speculator().prepare(seq)
         self._sequences[request_id] = seq
         self._texts[request_id] = OutputText(self.tokenizer, seq.prompt_token_ids, params.stop)
         self.scheduler.add(seq)
-        self.counts["prompt_tokens"] += len(prompt_token_ids)
         return request_id
 
     def _speculator(self) -> Speculator:
@@ -335,6 +340,7 @@ class LLMEngine:
             "kv_capacity_bytes": memory["capacity_bytes"],
             "prefix_cache_queries": cache.num_queried_tokens if cache else 0,
             "prefix_cache_hits": cache.num_hit_tokens if cache else 0,
+            "prompt_tokens": scheduler.num_prompt_tokens,
             "preemptions": scheduler.num_preemptions,
             **self.counts,
         }

@@ -3,8 +3,9 @@
 `VirtualTokenCounter` is VTC ("Fairness in Serving Large Language Models", OSDI 2024): one counter per
 client, charged for the work the engine does for it (w_in per prompt token at admission, w_out per
 generated token); the backlogged client with the smallest counter is admitted first, and a client that
-becomes backlogged is lifted to the smallest counter of those waiting, so idling earns no credit. When
-the pool is short, the running client with the largest counter gives up a sequence first.
+becomes backlogged is lifted to the smallest counter of those waiting (with nobody waiting, to the
+counter of the client admitted last), so idling earns no credit. When the pool is short, the running
+client with the largest counter gives up a sequence first.
 `FirstComeFirstServed` is the plain order, for comparison.
 """
 
@@ -36,24 +37,32 @@ class FirstComeFirstServed:
         return max(running, key=lambda s: s.arrival_order)
 
 
+MAX_IDLE_COUNTERS = 1024  # past this many clients, counters of clients with nothing in the engine are dropped
+
+
 class VirtualTokenCounter:
     def __init__(self, input_weight: float = 1.0, output_weight: float = 2.0):
         self.input_weight = input_weight
         self.output_weight = output_weight
         self.counters: dict[str, float] = defaultdict(float)
+        self.last_admitted = 0.0  # counter of the client admitted last: where a newcomer to an idle engine starts
 
     def on_waiting(self, seq: Sequence, waiting: Iterable[Sequence], running: Iterable[Sequence]) -> None:
         """`seq` joins the waiting queue; if its client was not backlogged, lift its counter."""
         waiting = list(waiting)
         if any(s.client == seq.client for s in waiting):
             return
-        peers = {s.client for s in waiting} or {s.client for s in running if s.client != seq.client}
-        if peers:
-            self.counters[seq.client] = max(self.counters[seq.client], min(self.counters[c] for c in peers))
+        backlogged = {s.client for s in waiting}
+        floor = min(self.counters[c] for c in backlogged) if backlogged else self.last_admitted
+        if len(self.counters) > MAX_IDLE_COUNTERS:  # a dropped counter comes back at the floor: nothing lost
+            active = backlogged | {s.client for s in running} | {seq.client}
+            self.counters = defaultdict(float, {c: v for c, v in self.counters.items() if c in active})
+        self.counters[seq.client] = max(self.counters[seq.client], floor)
 
     def on_admitted(self, seq: Sequence) -> None:
         if seq.num_preemptions == 0:  # recomputing after a preemption is not the client's doing
             self.counters[seq.client] += self.input_weight * seq.num_prompt_tokens
+        self.last_admitted = self.counters[seq.client]
 
     def on_generated(self, seq: Sequence, num_tokens: int) -> None:
         self.counters[seq.client] += self.output_weight * num_tokens

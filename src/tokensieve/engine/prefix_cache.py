@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def extend_block_keys(keys: list[int], token_ids: list[int], block_size: int) -> list[int]:
-    """Append to `keys` the key of every full block of `token_ids` it does not have yet; returns `keys`."""
+def extend_block_keys(keys: list[int], token_ids: list[int], block_size: int) -> None:
+    """Append to `keys` the key of every full block of `token_ids` it does not have yet."""
     for index in range(len(keys), len(token_ids) // block_size):
         parent = keys[-1] if keys else None
         keys.append(hash((parent, tuple(token_ids[index * block_size : (index + 1) * block_size]))))
-    return keys
 
 
 @dataclass(eq=False)
@@ -48,9 +47,10 @@ class PrefixCache:
         """Cached blocks some table holds."""
         return len(self._blocks) - len(self._evictable)
 
-    def lookup(self, keys: list[int], token_ids: list[int], block_size: int) -> list[CachedBlock]:
-        """The longest run of cached blocks matching the first len(keys) blocks of `token_ids`."""
-        found, parent = [], None
+    def lookup(self, keys: list[int], token_ids: list[int], block_size: int, parent: int | None = None) -> list[CachedBlock]:
+        """The longest run of cached blocks matching the first len(keys) blocks of `token_ids` (which follow
+        the block keyed `parent`)."""
+        found = []
         for index, key in enumerate(keys):
             block = self._blocks.get(key)
             tokens = tuple(token_ids[index * block_size : (index + 1) * block_size])

@@ -52,6 +52,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # kept in arrival order
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # of the requests scheduled so far (computed or found cached)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -92,7 +93,7 @@ class Scheduler:
                 continue
             self.block_manager.reserve(seq.block_table, num_tokens)
             out.chunks.append(ScheduledChunk(seq, num_tokens, draft))
-            budget -= num_tokens
+            budget = self.max_batched_tokens - sum(c.num_tokens for c in out.chunks)  # a victim's chunk gave its tokens back
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out
@@ -138,8 +139,8 @@ class Scheduler:
 
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         pending = self._keys_being_computed()
-        deferred: set[int] = set()
-        while budget > 0 and len(self.running) < self.max_num_seqs:
+        deferred: set[int] = set()  # each keeps its place: a slot stays free for it
+        while budget > 0 and len(self.running) + len(deferred) < self.max_num_seqs:
             candidates = [s for s in self.fairness.admission_order(self.waiting) if id(s) not in deferred]
             if not candidates:
                 break
@@ -147,7 +148,7 @@ class Scheduler:
             if seq.block_table is None:
                 seq.block_table = self.block_manager.new_table()
             cached = self._start_from_cache(seq, pending)
-            if cached is None:  # its next block is being computed: wait for it and take it from the cache
+            if cached is None:  # its next block is being computed: it waits for it and takes it from the cache
                 deferred.add(id(seq))
                 continue
             num_tokens = self._chunk_size(seq, budget)
@@ -195,3 +196,4 @@ class Scheduler:
             cache.record_query(seq.num_prompt_tokens, num_cached)
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = time.perf_counter()
+            self.num_prompt_tokens += seq.num_prompt_tokens

@@ -6,11 +6,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Callable
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import RequestError
 from ..llm import LLM
@@ -31,11 +33,23 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-async def _require_api_key(request: Request) -> None:
-    _state(request).check_api_key(request.headers.get("authorization"))
+class RequireAPIKey:
+    """Checks the key of every /v1 request before anything else reads it (a malformed body of a caller
+    without the key is a 401, not a 400)."""
+
+    def __init__(self, app: ASGIApp, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            try:
+                self.state.check_api_key(Headers(scope=scope).get("authorization"))
+            except APIError as error:
+                return await _error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
+v1 = APIRouter(prefix="/v1")
 root = APIRouter()
 
 
@@ -76,7 +90,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     if body.stream:
         return GenerationStream(generation, stream_events(generation, shapes, len(prompt_token_ids), body.include_usage))
     try:
-        finals = await generation.finals(request.is_disconnected)
+        finals = await generation.finals(request.receive)
     except ClientDisconnected:
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
@@ -131,10 +145,10 @@ async def stats(request: Request) -> dict:
     state = _state(request)
     if state.engine_thread is None:
         return {"ready": False, "model": state.served_model_name}
+    snapshot = {k: v for k, v in state.engine_thread.snapshot.items() if k != "waiting_by_client"}  # names clients
     return {
         "ready": True, "model": state.served_model_name, "max_model_len": state.max_model_len,
-        "max_queue": state.max_queue, **state.engine_thread.snapshot,
-        "generation_tokens_per_second": state.engine_thread.generation_rate(),
+        "max_queue": state.max_queue, **snapshot, "generation_tokens_per_second": state.engine_thread.generation_rate(),
     }
 
 
@@ -189,4 +203,5 @@ def create_app(llm: LLM | Callable[[], LLM], *, served_model_name: str, api_key:
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+    app.add_middleware(RequireAPIKey, state=state)
     return app

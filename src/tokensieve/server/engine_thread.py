@@ -105,23 +105,37 @@ class EngineThread:
     # ---- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            commands = self._take_commands(block=not self.engine.has_unfinished())
-            taken: Counter[str] = Counter()
-            for command in commands:
-                if command is _STOP:
-                    self._fail_all(ServerStopping("the server is shutting down"))
+            try:
+                if not self._serve_once():
                     return
-                if isinstance(command, Abort):
-                    self._abort(command.request_ids)
-                else:
-                    self._add(command)
-                    taken[command.client] += len(command.request_ids)
+            except Exception as exc:  # a bug of ours outside the step: fail what is in flight, serve on
+                log.exception("the engine thread failed; failing the %d requests in flight", len(self._routes))
+                self._fail_all(EngineStepError(f"the engine failed while running this request: {exc!r}"))
+
+    def _serve_once(self) -> bool:
+        """Take the commands waiting (blocking while idle), then run a step; False once told to stop."""
+        commands = self._take_commands(block=not self.engine.has_unfinished())
+        taken: Counter[str] = Counter()
+        for index, command in enumerate(commands):
+            if command is _STOP:
+                stopping = ServerStopping("the server is shutting down")
+                self._fail_all(stopping)
+                for later in commands[index + 1 :] + self._take_commands(block=False):
+                    if isinstance(later, Submission):
+                        later.deliver(stopping)
+                return False
+            if isinstance(command, Abort):
+                self._abort(command.request_ids)
+            else:
+                self._add(command)
+                taken[command.client] += len(command.request_ids)
+        self._publish()
+        with self._untaken_lock:
+            self._untaken -= taken
+        if self.engine.has_unfinished():
+            self._step()
             self._publish()
-            with self._untaken_lock:
-                self._untaken -= taken
-            if self.engine.has_unfinished():
-                self._step()
-                self._publish()
+        return True
 
     def _take_commands(self, block: bool) -> list:
         commands = [self._inbox.get()] if block else []
@@ -150,9 +164,9 @@ class EngineThread:
         submission.deliver(ACCEPTED)
 
     def _abort(self, request_ids: list[str]) -> None:
-        for request_id in request_ids:
-            if self._routes.pop(request_id, None) is not None:
-                self.engine.abort(request_id)
+        routed = [request_id for request_id in request_ids if self._routes.pop(request_id, None) is not None]
+        for request_id in routed:
+            self.engine.abort(request_id)
 
     def _step(self) -> None:
         try:
@@ -171,9 +185,12 @@ class EngineThread:
     def _fail_all(self, error: Exception) -> None:
         """Abort every request in flight and send each submission the error, once."""
         failed = {id(s): s for s in self._routes.values()}
-        self._abort(list(self._routes))
-        for submission in failed.values():
-            submission.deliver(error)
+        try:
+            self._abort(list(self._routes))
+        finally:  # even if the engine fails to abort, nobody is left waiting
+            self._routes.clear()
+            for submission in failed.values():
+                submission.deliver(error)
 
     def _publish(self) -> None:
         self.snapshot = self.engine.stats()

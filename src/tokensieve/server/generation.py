@@ -15,7 +15,6 @@ from .engine_thread import ACCEPTED, EngineThread, ServerStopping, Submission
 from .metrics import ServerMetrics
 from .protocol import APIError, request_error
 
-DISCONNECT_POLL_SECONDS = 0.25
 ID_PREFIXES = {"chat": "chatcmpl", "completion": "cmpl"}
 PROMPT_FIELDS = {"chat": "messages", "completion": "prompt"}
 
@@ -73,8 +72,9 @@ class Generation:
                 del self._unfinished[item.request_id]
             yield index, item
 
-    async def finals(self, is_disconnected: Callable[[], Awaitable[bool]]) -> list[RequestOutput]:
-        """Every choice's final output; raises ClientDisconnected if the client leaves first."""
+    async def finals(self, receive: Callable[[], Awaitable[dict]]) -> list[RequestOutput]:
+        """Every choice's final output; raises ClientDisconnected as soon as the client leaves (the
+        request's ASGI `receive` then gives http.disconnect)."""
         finals: dict[int, RequestOutput] = {}
 
         async def read_all() -> None:
@@ -82,14 +82,18 @@ class Generation:
                 if out.finished:
                     finals[index] = out
 
-        reader = asyncio.ensure_future(read_all())
+        async def disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        reader, watcher = asyncio.ensure_future(read_all()), asyncio.ensure_future(disconnect())
         try:
-            while not reader.done():
-                await asyncio.wait({reader}, timeout=DISCONNECT_POLL_SECONDS)
-                if not reader.done() and await is_disconnected():
-                    raise ClientDisconnected()
+            await asyncio.wait({reader, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                raise ClientDisconnected()
         finally:
             reader.cancel()
+            watcher.cancel()
         reader.result()
         return [finals[index] for index in sorted(finals)]
 

@@ -8,10 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from ..errors import ContextLengthError, RequestError
-from ..sampling_params import SamplingParams
+from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 16
-MAX_TOP_LOGPROBS = 20
 
 # OpenAI parameters tokensieve does not implement, with the value that asks for nothing (sent by some
 # clients by default): that value, or null, is accepted; anything else is a 400 naming the parameter.
@@ -118,17 +117,16 @@ class _GenerationRequest(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _drop_neutral_unsupported(cls, body: Any) -> Any:
-        """Unsupported parameters sent with the value that asks for nothing are dropped; others stay and are refused."""
+    def _drop_nulls_and_neutral_unsupported(cls, body: Any) -> Any:
+        """A null asks for the default (OpenAI's parameters are nullable), and an unsupported parameter sent
+        with the value that asks for nothing is dropped; other unsupported parameters stay and are refused."""
         if not isinstance(body, dict):
             return body
-        return {k: v for k, v in body.items() if not (k in UNSUPPORTED and v in (None, UNSUPPORTED[k]))}
+        return {k: v for k, v in body.items() if v is not None and not (k in UNSUPPORTED and v == UNSUPPORTED[k])}
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, stop: Any) -> Any:
-        if stop is None:
-            return []
         return [stop] if isinstance(stop, str) else stop
 
     @property
@@ -152,7 +150,7 @@ class _GenerationRequest(_Strict):
 
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -175,7 +173,7 @@ class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "ChatCompletionRequest":
