@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tokensieve.bench import serve_report as report
-from tokensieve.bench.serve import llamacpp_command, parse_prefix_metrics, tokensieve_command
+from tokensieve.bench.serve_servers import llamacpp_command, parse_prefix_metrics, tokensieve_command
 from tokensieve.bench.serve_load import Target, run_clients
 from tokensieve.bench.serve_workloads import ClientLoad, Conversation, chat_conversation, conversations, system_prompt
 from tokensieve.cli import build_parser, main

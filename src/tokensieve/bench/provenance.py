@@ -25,7 +25,7 @@ def machine_name() -> str:
     return f"{cpu}, {cpus} CPUs"
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     try:
         return version(name)
     except PackageNotFoundError:
@@ -58,7 +58,7 @@ def run_info(args) -> dict:
         "date": datetime.date.today().isoformat(),
         "commit": source_commit(),
         "torch": torch.__version__,
-        "transformers": _package_version("transformers"),
+        "transformers": package_version("transformers"),
     }
 
 

@@ -19,137 +19,22 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import re
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import ConfigError
 from .plotting import require_matplotlib
-from .provenance import _package_version, run_info
+from .provenance import package_version, run_info
 from .report import write_report
 from .serve_load import Target, run_clients
 from .serve_report import fairness, light_ttft, markdown, per_user, run_line, summarize_requests
-from .serve_workloads import ClientLoad, Conversation, conversations
+from .serve_servers import ServerProcess, free_port, llamacpp_command, prefix_counters, served_model, tokensieve_command
+from .serve_workloads import ClientLoad, Conversation, conversations, system_prompt
 
 DEFAULT_REQUESTS = 96
 # llama-cpp-python samples with repeat_penalty 1.1 and min_p 0.05 unless told otherwise: plain greedy, as ours
 LLAMACPP_GREEDY = {"repeat_penalty": 1.0, "min_p": 0.0, "top_p": 1.0}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """A server started as a subprocess, waited for until `ready_path` answers 200, stopped on exit."""
-
-    def __init__(self, name: str, command: list[str], port: int, ready_path: str, startup_timeout: float):
-        self.name, self.command, self.port = name, command, port
-        self.ready_path, self.startup_timeout = ready_path, startup_timeout
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-serve-{name}-", suffix=".log", delete=False)
-        self.process: subprocess.Popen | None = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(Path(self.log.name).read_text(errors="replace").splitlines()[-lines:])
-
-    def __enter__(self) -> ServerProcess:
-        import httpx
-
-        print(f"starting {self.name}: {' '.join(self.command)}", flush=True)
-        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        started = time.perf_counter()
-        while time.perf_counter() - started < self.startup_timeout:
-            if self.process.poll() is not None:
-                raise ConfigError(f"{self.name} exited with code {self.process.returncode} before it was ready; "
-                                  f"its log ({self.log.name}) ends with:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.base_url + self.ready_path, timeout=5).status_code == 200:
-                    print(f"{self.name} ready in {time.perf_counter() - started:.1f} s", flush=True)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.__exit__(None, None, None)
-        raise ConfigError(f"{self.name} was not ready after {self.startup_timeout:.0f} s; its log ({self.log.name}) "
-                          f"ends with:\n{self.log_tail()}")
-
-    def __exit__(self, *exc) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-
-
-def tokensieve_command(args, port: int, *, prefix_caching: bool, scheduling: str, max_num_seqs: int) -> list[str]:
-    command = [sys.executable, "-m", "tokensieve.cli", "serve", "--port", str(port), "--model", args.model,
-               "--dtype", args.dtype, "--activations", args.activations, "--threads", str(args.threads),
-               "--max-num-seqs", str(max_num_seqs), "--max-queue", str(args.max_queue), "--scheduling", scheduling]
-    if args.device != "cpu":
-        command += ["--device", args.device]
-    return command + ([] if prefix_caching else ["--no-prefix-caching"])
-
-
-def llamacpp_command(gguf: Path, port: int, threads: int, n_ctx: int) -> list[str]:
-    # interrupt_requests off: by default llama-cpp-python ends a stream early when another request waits
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-            "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
-            "--interrupt_requests", "False"]
-
-
-def served_model(base_url: str, api_key: str | None, fallback: str) -> str:
-    """The first model the server lists at /v1/models (the name requests must carry)."""
-    import httpx
-
-    try:
-        response = httpx.get(base_url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=10)
-        return response.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError):
-        return fallback
-
-
-def prefix_counters(base_url: str, api_key: str | None) -> tuple[float, float] | None:
-    """(prefix_cache_queries, prefix_cache_hits) from /stats, or from /metrics; None where the server
-    has neither."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        response = httpx.get(base_url + "/stats", headers=headers, timeout=10)
-        if response.status_code == 200:
-            stats = response.json()
-            return float(stats["prefix_cache_queries"]), float(stats["prefix_cache_hits"])
-    except (httpx.HTTPError, ValueError, KeyError):
-        pass
-    try:
-        response = httpx.get(base_url + "/metrics", headers=headers, timeout=10)
-    except httpx.HTTPError:
-        return None
-    if response.status_code != 200:
-        return None
-    return parse_prefix_metrics(response.text)
-
-
-def parse_prefix_metrics(text: str) -> tuple[float, float] | None:
-    """The prefix cache's query and hit totals from Prometheus text (summed over label sets)."""
-    totals = {"queries": 0.0, "hits": 0.0}
-    seen = set()
-    for line in text.splitlines():
-        match = re.match(r"^tokensieve:prefix_cache_(queries|hits)_total(?:\{[^}]*\})?\s+([0-9.eE+-]+)", line)
-        if match:
-            totals[match.group(1)] += float(match.group(2))
-            seen.add(match.group(1))
-    return (totals["queries"], totals["hits"]) if seen == {"queries", "hits"} else None
 
 
 def _prefix_delta(before, after) -> dict | None:
@@ -159,11 +44,13 @@ def _prefix_delta(before, after) -> dict | None:
     return {"queries": queries, "hits": hits, "hit_rate": hits / queries if queries else None}
 
 
-def warm_up(target: Target) -> None:
-    """One short request, so that first-use costs (kernels, allocations) stay out of the first run."""
+def warm_up(target: Target, workload: str) -> None:
+    """One short request, so that first-use costs (kernels, allocations) stay out of the first run; on the
+    chat workload it carries the shared system prompt, so every run starts from a server in its steady state."""
     short = Target(target.base_url, target.model, max_tokens=8, api_key=target.api_key,
                    request_timeout=target.request_timeout, extra_body=target.extra_body)
-    client = ClientLoad("warmup", [Conversation("warmup", ("Say hello.",))], concurrency=1)
+    system = system_prompt() if workload == "chat" else None
+    client = ClientLoad("warmup", [Conversation("warmup", ("Say hello.",), system)], concurrency=1)
     records, _ = asyncio.run(run_clients(short, [client], 300))
     if not records or not records[0].ok:
         raise ConfigError(f"the warm-up request to {target.base_url} failed: {records[0].error if records else 'not sent'}")
@@ -258,8 +145,8 @@ def run_serve_benchmark(args) -> dict:
         raise ConfigError("this tokensieve has no server (tokensieve.server) to benchmark; pass --url for a running one")
     info = run_info(args)
     info["threads"] = args.threads  # the server's threads; this process only sends requests
-    info["httpx"] = _package_version("httpx")
-    info["llama_cpp_python"] = _package_version("llama_cpp_python") or _package_version("llama-cpp-python")
+    info["httpx"] = package_version("httpx")
+    info["llama_cpp_python"] = package_version("llama_cpp_python") or package_version("llama-cpp-python")
     runs = set(args.runs)
     skipped: list[str] = []
     out = Path(args.out)
@@ -320,7 +207,7 @@ def run_serve_benchmark(args) -> dict:
         runner = Runner(args, cases)
         if args.url:
             target = runner.target(args.url.rstrip("/"))
-            warm_up(target)
+            warm_up(target, args.workload)
             for spec, clients in main_runs:
                 spec["system"] = "server at " + args.url
                 runner.run(target, spec, clients, counters=True)
@@ -332,7 +219,7 @@ def run_serve_benchmark(args) -> dict:
                 command = tokensieve_command(args, port, **server)
                 with ServerProcess(f"tokensieve serve ({key})", command, port, "/health", args.startup_timeout) as proc:
                     target = runner.target(proc.base_url)
-                    warm_up(target)
+                    warm_up(target, args.workload)
                     for spec, clients in plan[key]:
                         runner.run(target, spec, clients, counters=True)
         if llama is not None:
@@ -341,7 +228,7 @@ def run_serve_benchmark(args) -> dict:
             with ServerProcess("llama.cpp server", llamacpp_command(gguf, port, args.threads, args.llamacpp_n_ctx), port,
                                "/v1/models", args.startup_timeout) as proc:
                 target = runner.target(proc.base_url, LLAMACPP_GREEDY)
-                warm_up(target)
+                warm_up(target, args.workload)
                 runner.run(target, spec, clients, counters=False)
     settings = {key: getattr(args, key) for key in (
         "workload", "requests", "concurrency", "request_rate", "max_concurrency", "max_tokens", "timeout", "max_num_seqs",
