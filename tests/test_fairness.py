@@ -75,9 +75,22 @@ def light_client_wait(fairness) -> int:
     raise AssertionError("the light client was never served")
 
 
-def test_a_light_client_is_served_within_one_request_of_the_flood_under_vtc_not_fcfs():
-    assert light_client_wait(VirtualTokenCounter()) <= 5  # one flood request's four tokens, then it runs
+def test_a_light_client_takes_a_slot_from_the_flood_at_once_under_vtc_not_fcfs():
+    # lifted to the flood's counter on arrival, it is admitted once the flood has been served a step more
+    assert light_client_wait(VirtualTokenCounter()) <= 2
     assert light_client_wait(FirstComeFirstServed()) > 20  # behind the whole flood
+
+
+def test_a_slot_changes_hands_only_to_even_out_a_less_served_client():
+    vtc = VirtualTokenCounter()
+    heavy = [request(i, "heavy") for i in range(3)]
+    for seq in heavy:
+        vtc.on_admitted(seq)
+    light, light_running = request(10, "light"), request(11, "light")
+    assert vtc.displaced_by(light, heavy) is heavy[2]  # the flood's newest gives way
+    assert vtc.displaced_by(light, heavy[:2] + [light_running]) is None  # 2 against 1: already even enough
+    assert vtc.displaced_by(request(12, "heavy"), heavy) is None  # nobody gives way to its own client
+    assert FirstComeFirstServed().displaced_by(light, heavy) is None
 
 
 def test_engine_serves_a_light_client_through_a_flood(llm):

@@ -5,13 +5,15 @@ client, charged for the work the engine does for it (w_in per prompt token at ad
 generated token); the backlogged client with the smallest counter is admitted first, and a client that
 becomes backlogged is lifted to the smallest counter of those waiting (with nobody waiting, to the
 counter of the client admitted last), so idling earns no credit. When the pool is short, the running
-client with the largest counter gives up a sequence first.
+client with the largest counter gives up a sequence first; when every slot is taken, a waiting request
+of a less-served client with fewer sequences running takes a slot from that client at once (with prefix
+caching, the sequence that gives it up finds its blocks in the cache when it resumes: FastSwitch's point).
 `FirstComeFirstServed` is the plain order, for comparison.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Iterable
 
 from .sequence import Sequence
@@ -35,6 +37,10 @@ class FirstComeFirstServed:
     def victim(self, running: list[Sequence]) -> Sequence:
         """The newest running sequence."""
         return max(running, key=lambda s: s.arrival_order)
+
+    def displaced_by(self, seq: Sequence, running: list[Sequence]) -> Sequence | None:
+        """First come, first served: nobody gives up a slot to a request that came later."""
+        return None
 
 
 MAX_IDLE_COUNTERS = 1024  # past this many clients, counters of clients with nothing in the engine are dropped
@@ -74,6 +80,15 @@ class VirtualTokenCounter:
     def victim(self, running: list[Sequence]) -> Sequence:
         """A sequence of the most-served running client: its lowest priority, newest."""
         return max(running, key=lambda s: (self.counters[s.client], s.priority, s.arrival_order))
+
+    def displaced_by(self, seq: Sequence, running: list[Sequence]) -> Sequence | None:
+        """With every slot taken, the running sequence that gives its slot to `seq`: the victim, when its
+        client is more served than seq's and runs at least two more sequences (so the move evens them)."""
+        victim = self.victim(running)
+        slots = Counter(s.client for s in running)
+        if self.counters[victim.client] > self.counters[seq.client] and slots[victim.client] >= slots[seq.client] + 2:
+            return victim
+        return None
 
 
 def make_fairness(name: str) -> FirstComeFirstServed | VirtualTokenCounter:

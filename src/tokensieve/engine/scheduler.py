@@ -140,11 +140,16 @@ class Scheduler:
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         pending = self._keys_being_computed()
         deferred: set[int] = set()  # each keeps its place: a slot stays free for it
-        while budget > 0 and len(self.running) + len(deferred) < self.max_num_seqs:
+        while budget > 0:
             candidates = [s for s in self.fairness.admission_order(self.waiting) if id(s) not in deferred]
             if not candidates:
                 break
             seq = candidates[0]
+            if len(self.running) + len(deferred) >= self.max_num_seqs:
+                victim = self.fairness.displaced_by(seq, self.running) if self.running else None
+                if victim is None:
+                    break
+                self._preempt(victim, out)  # its full blocks stay in the prefix cache for its return
             if seq.block_table is None:
                 seq.block_table = self.block_manager.new_table()
             cached = self._start_from_cache(seq, pending)
@@ -156,7 +161,7 @@ class Scheduler:
                 self.block_manager.release(seq.block_table)
                 seq.num_processed = 0
                 break
-            self._record_cache_query(seq, cached)
+            self._record_admission(seq, cached)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -189,7 +194,8 @@ class Scheduler:
         seq.num_processed = len(blocks) * size
         return seq.num_processed
 
-    def _record_cache_query(self, seq: Sequence, num_cached: int) -> None:
+    def _record_admission(self, seq: Sequence, num_cached: int) -> None:
+        """Count a first admission's prompt tokens and cache hits, and note when it was first scheduled."""
         cache = self.block_manager.prefix_cache
         if cache is not None and seq.shares_prefix and seq.num_preemptions == 0:
             seq.num_cached_tokens = num_cached
