@@ -1,8 +1,8 @@
 """Who is admitted next and who is preempted first. Plain Python.
 
 `VirtualTokenCounter` is VTC ("Fairness in Serving Large Language Models", OSDI 2024): one counter per
-client, charged for the work the engine does for it (w_in per prompt token at admission, w_out per
-generated token); the backlogged client with the smallest counter is admitted first, and a client that
+client, charged for the work the engine does for it (w_in per prompt token it computes at admission,
+w_out per generated token); the backlogged client with the smallest counter is admitted first, and a client that
 becomes backlogged is lifted to the smallest counter of those waiting (with nobody waiting, to the
 counter of the client admitted last), so idling earns no credit. When the pool is short, the running
 client with the largest counter gives up a sequence first; when every slot is taken, a waiting request
@@ -66,8 +66,9 @@ class VirtualTokenCounter:
         self.counters[seq.client] = max(self.counters[seq.client], floor)
 
     def on_admitted(self, seq: Sequence) -> None:
+        """Charge the prompt tokens the engine computes (those found in the prefix cache cost it nothing)."""
         if seq.num_preemptions == 0:  # recomputing after a preemption is not the client's doing
-            self.counters[seq.client] += self.input_weight * seq.num_prompt_tokens
+            self.counters[seq.client] += self.input_weight * (seq.num_prompt_tokens - seq.num_cached_tokens)
         self.last_admitted = self.counters[seq.client]
 
     def on_generated(self, seq: Sequence, num_tokens: int) -> None:
