@@ -140,7 +140,7 @@ def _scaling_loads(args) -> list[tuple[str, int | None, float | None]]:
 def run_serve_benchmark(args) -> dict:
     require_matplotlib()
     if importlib.util.find_spec("httpx") is None:
-        raise ConfigError("bench serve sends its requests with httpx: pip install httpx")
+        raise ConfigError("bench serve sends its requests with httpx: pip install 'tokensieve[bench]'")
     if not args.url and importlib.util.find_spec("tokensieve.server") is None:
         raise ConfigError("this tokensieve has no server (tokensieve.server) to benchmark; pass --url for a running one")
     info = run_info(args)
