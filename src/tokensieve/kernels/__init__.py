@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..cache import cache_root
+from .build_lock import exclusive_build
 
 
 KERNEL_DIR = Path(__file__).parent
@@ -44,14 +47,25 @@ def native_kernels():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(
-            name="tokensieve_kernels",
-            sources=[str(KERNEL_DIR / name) for name in SOURCES if name.endswith(".cpp")],
-            extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(_build_dir()),
-            verbose=False,
-        )
+        build_dir = _build_dir()
+        with exclusive_build(build_dir):
+            first_build = not any(build_dir.glob("tokensieve_kernels*.so"))
+            if first_build:
+                print("tokensieve: building the CPU kernels for this machine (once; a minute or two)...",
+                      file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            kernels = load(
+                name="tokensieve_kernels",
+                sources=[str(KERNEL_DIR / name) for name in SOURCES if name.endswith(".cpp")],
+                extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
+            if first_build:
+                print(f"tokensieve: CPU kernels built in {time.perf_counter() - started:.0f} s, cached in {build_dir}",
+                      file=sys.stderr, flush=True)
+            return kernels
     except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back to plain PyTorch
         warnings.warn(f"tokensieve: native kernels unavailable, using plain PyTorch ({exc})", stacklevel=2)
         return None
