@@ -41,7 +41,9 @@ def test_a_lock_left_by_a_killed_build_is_taken_over(tmp_path, monkeypatch):
 def test_a_build_interrupted_by_sighup_does_not_block_the_next_run(tmp_path, monkeypatch):
     build_dir = fresh_build_dir(tmp_path, monkeypatch)
     env = {**os.environ, "TOKENSIEVE_CACHE": str(tmp_path)}
-    first = subprocess.Popen([sys.executable, "-c", LOAD], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # SIGHUP's default action, as in a terminal (a runner started under nohup would pass it on ignored)
+    hangs_up = "import signal; signal.signal(signal.SIGHUP, signal.SIG_DFL); " + LOAD
+    first = subprocess.Popen([sys.executable, "-c", hangs_up], env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (build_dir / TORCH_LOCK).exists():  # torch's build is under way
         assert first.poll() is None and time.monotonic() < deadline, "the build did not start"
