@@ -24,6 +24,14 @@ def caching_seq(i, token_ids, client="default"):
     return seq
 
 
+def computed(scheduler, i, token_ids):
+    """A caching sequence added and run for one step (its prompt computed, its full blocks cached)."""
+    seq = caching_seq(i, token_ids)
+    scheduler.add(seq)
+    run(scheduler)
+    return seq
+
+
 def run(scheduler, steps=1):
     """What the engine does after a forward: count processed tokens, cache full blocks, append a token."""
     for _ in range(steps):
@@ -69,9 +77,7 @@ def test_a_block_computed_twice_is_kept_once():
 def test_a_second_request_starts_from_the_cached_prefix_and_computes_at_least_one_token():
     scheduler = make_scheduler()
     manager = scheduler.block_manager
-    first = caching_seq(0, range(12))
-    scheduler.add(first)
-    run(scheduler)
+    first = computed(scheduler, 0, range(12))
     assert len(first.block_table.cached) == 3  # 12 computed tokens: three full blocks cached
     second = caching_seq(1, range(12))  # identical prompt: the last token is computed again
     scheduler.add(second)
@@ -85,15 +91,11 @@ def test_a_second_request_starts_from_the_cached_prefix_and_computes_at_least_on
 def test_freed_blocks_stay_cached_until_the_pool_needs_them_deepest_first():
     scheduler = make_scheduler(num_blocks=8 * GROUP)
     manager = scheduler.block_manager
-    first = caching_seq(0, range(16))
-    scheduler.add(first)
-    run(scheduler)
+    first = computed(scheduler, 0, range(16))
     scheduler.remove(first)
     assert manager.num_used_blocks == 0 and manager.prefix_cache.num_evictable == 4
     # a stranger needs 5 blocks of the 8: the 4 free ones, then the deepest cached block goes
-    stranger = caching_seq(1, range(100, 120))
-    scheduler.add(stranger)
-    run(scheduler)
+    stranger = computed(scheduler, 1, range(100, 120))
     assert manager.prefix_cache.num_evictable == 3
     scheduler.remove(stranger)
     again = caching_seq(2, list(range(16)) + [99])
@@ -105,12 +107,8 @@ def test_freed_blocks_stay_cached_until_the_pool_needs_them_deepest_first():
 def test_shared_blocks_are_reference_counted():
     scheduler = make_scheduler()
     manager = scheduler.block_manager
-    a = caching_seq(0, range(9))
-    scheduler.add(a)
-    run(scheduler)
-    b = caching_seq(1, range(9))
-    scheduler.add(b)
-    run(scheduler)
+    a = computed(scheduler, 0, range(9))
+    b = computed(scheduler, 1, range(9))
     shared = a.block_table.cached
     assert [block.refs for block in shared] == [2, 2]
     used = manager.num_used_blocks
@@ -160,9 +158,7 @@ def test_a_preempted_sequence_resumes_from_its_cached_blocks():
 
 def test_a_table_sharing_cached_blocks_is_never_compacted():
     scheduler = make_scheduler()
-    a = caching_seq(0, range(9))
-    scheduler.add(a)
-    run(scheduler)
+    a = computed(scheduler, 0, range(9))
     keep = np.ones((2, 1, 12), dtype=bool)
     with pytest.raises(AssertionError, match="never compresses"):
         scheduler.block_manager.compact(a.block_table, keep)
