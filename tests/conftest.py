@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 def llm():
     from tokensieve import LLM
 
-    return LLM("smollm2-135m", dtype="float32")
+    return LLM("smollm2-135m", dtype="float32", activations="float32")  # the reference mode
 
 
 @pytest.fixture(scope="session")

@@ -126,7 +126,7 @@ def test_mixed_type_gguf_matches_transformers(written, use_kernels):
     kernels = native_kernels() if use_kernels else None
     if use_kernels:
         assert kernels is not None, "the C++ kernels failed to build"
-    model = load_model(path, kernels=kernels)
+    model = load_model(path, kernels=kernels, activations="float32")  # the reference mode
     assert (model.layers[0].self_attn.o_proj.native is not None) == use_kernels
     assert model.layers[0].mlp.gate_up_proj.native is None  # Q4_1 + Q4_K: no common block type, dense
     assert model.layers[0].mlp.down_proj.native is None  # Q6_K has no kernel
@@ -172,3 +172,81 @@ def test_a_broken_cached_tokenizer_is_converted_again(tmp_path, monkeypatch):
     assert again.decode(again.encode(loader.ROUND_TRIP_TEXT, add_special_tokens=False)) == loader.ROUND_TRIP_TEXT
     assert again.encode(loader.ROUND_TRIP_TEXT) == first.encode(loader.ROUND_TRIP_TEXT)
     assert json.loads((cache / "tokenizer.json").read_text())["decoder"] is not None  # the cache was written again
+
+
+@pytest.fixture
+def weight_cache(tmp_path, monkeypatch):
+    """An empty weight cache of the test's own, and a count of the GGUF files parsed."""
+    from tokensieve.weights import loader
+
+    monkeypatch.setenv("TOKENSIEVE_CACHE", str(tmp_path / "cache"))
+    parsed = []
+    read_gguf = loader.read_gguf
+    monkeypatch.setattr(loader, "read_gguf", lambda path: parsed.append(path) or read_gguf(path))
+    return tmp_path / "cache" / "weights", parsed
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_embedding_rows_read_from_blocks_are_the_dequantized_values(type_name):
+    import gguf
+
+    from tokensieve.models.quantized import QuantizedWeight
+
+    weight = np.random.default_rng(1).normal(size=(40, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(weight, gguf.GGMLQuantizationType[type_name])
+    dense = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(weight.shape))
+    blocks = QuantizedWeight.from_gguf(raw, type_name)
+    ids = torch.tensor([[3, 39, 0], [7, 7, 12]])
+    assert torch.equal(blocks.rows(ids), dense[ids])
+
+
+def test_int8_form_keeps_only_the_blocks_and_matches_float32(written, weight_cache):
+    from tokensieve.models.int8_weight import Int8Weight
+
+    path, _ = written
+    kernels = native_kernels()
+    reference = load_model(path, kernels=kernels, activations="float32")
+    model = load_model(path, kernels=kernels)  # auto: int8 where GGUF blocks allow it
+    assert model.activations == "int8" and reference.activations == "float32"
+    o_proj, qkv = model.layers[0].self_attn.o_proj, model.layers[0].self_attn.qkv_proj
+    assert isinstance(o_proj.native, Int8Weight) and o_proj.weight is None  # Q4_0: blocks only
+    assert qkv.native is None and qkv.weight is not None  # F16 + BF16 + Q8_0: no common block type, dense
+    assert model.embed_tokens.weight is None and model.lm_head.weight is not None  # Q8_0 embedding, F16 head
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(model.embed_tokens(ids), reference.embed_tokens(ids))
+    ours, ref = model(ids, torch.arange(40), causal_attention), reference(ids, torch.arange(40), causal_attention)
+    assert (ours - ref).abs().max().item() <= 0.03 * ref.abs().max().item()  # int8 rounding of the activations
+
+
+def test_loaded_weights_are_cached_by_content_and_memory_mapped(written, weight_cache, tmp_path):
+    import shutil
+
+    folder, parsed = weight_cache
+    path, _ = written
+    kernels = native_kernels()
+    ids = torch.randint(0, 256, (20,), generator=torch.Generator().manual_seed(2))
+    first = load_model(path, kernels=kernels)
+    assert len(parsed) == 1 and [p.name for p in folder.glob("*/*.pt")] == ["int8.pt"]
+    copy = tmp_path / "renamed.gguf"
+    shutil.copy(path, copy)  # the same bytes under another name: the same entry
+    again = load_model(copy, kernels=kernels)
+    assert len(parsed) == 1
+    assert torch.equal(again(ids, torch.arange(20), causal_attention), first(ids, torch.arange(20), causal_attention))
+    entry = str(next(folder.glob("*/int8.pt")))
+    mapped = [line.split()[0].split("-") for line in open("/proc/self/maps") if line.rstrip().endswith(entry)]
+    address = again.layers[0].self_attn.o_proj.native.packed.data_ptr()
+    assert any(int(start, 16) <= address < int(end, 16) for start, end in mapped)  # the cache file's pages, no copy
+    load_model(path, kernels=kernels, activations="float32")  # another form: another entry
+    load_model(path, kernels=kernels)  # auto takes the int8 entry, never the float32 one of a file with blocks
+    assert len(parsed) == 2 and sorted(p.name for p in folder.glob("*/*.pt")) == ["float32.pt", "int8.pt"]
+
+
+def test_an_unreadable_cache_entry_is_built_again(written, weight_cache, caplog):
+    folder, parsed = weight_cache
+    path, _ = written
+    load_model(path, kernels=native_kernels())
+    entry = next(folder.glob("*/int8.pt"))
+    entry.write_bytes(entry.read_bytes()[:1000])  # a truncated write
+    model = load_model(path, kernels=native_kernels())
+    assert len(parsed) == 2 and model.activations == "int8"
+    assert "ignoring the unreadable cached weights" in caplog.text

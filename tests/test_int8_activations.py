@@ -111,3 +111,21 @@ def test_int8_activations_need_gguf_blocks(kernels, tmp_path):  # noqa: F811
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(ModelLoadError, match="multiplies GGUF Q4_0/Q4_1/Q8_0 blocks"):
         load_model(tmp_path, kernels=kernels, activations="int8")
+
+
+def test_the_fast_path_stores_float16_kv_which_adds_little_to_the_error(llm, int8_llm):
+    """Against the float32 reference: float16 entries move the logits by 0.04%, int8 activations by 4%."""
+    assert int8_llm.engine.kv_dtype == torch.float16 and int8_llm.engine.pool.bytes_per_entry == 2 * 64 * 2
+    prompt = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]
+    logits = lambda engine, kv_dtype: engine.with_options(kv_dtype=kv_dtype, prefill_chunk_size=8).prompt_logits(prompt)
+    reference = logits(llm, "float32")  # chunks of 8: every later chunk reads the pool
+    error = lambda other: ((other - reference).norm() / reference.norm()).item()
+    assert error(logits(llm, "float16")) < 1e-3
+    assert error(logits(int8_llm, "float16")) < 0.05
+
+
+def test_the_default_runs_int8_where_it_applies_and_says_what_it_runs(int8_llm, llm):
+    assert llm.engine.activations == "float32" and llm.engine.kv_dtype == torch.float32  # asked for the reference
+    default = LLM("smollm2-135m")
+    assert default.engine.activations == "int8" and default.engine.stats()["kv_dtype"] == "float16"
+    assert default.engine.model.embed_tokens.weight is None  # no float32 copy of what the blocks hold

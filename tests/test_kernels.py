@@ -92,6 +92,23 @@ def test_paged_decode_attention_matches_gather_and_softmax(kernels):
             assert torch.isinf(scores[b, h, :, n:]).all()
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_float16_pools_are_read_as_exactly_their_float32_values(kernels, block_size):
+    gen = torch.Generator().manual_seed(1)
+    batch, kv_heads, group, dim = 3, 2, 3, 64
+    pool_k = torch.randn(64, block_size, dim, generator=gen).half()
+    pool_v = torch.randn(64, block_size, dim, generator=gen).half()
+    lengths = torch.tensor([[5, 1], [8, 12], [3, 9]])
+    tables = torch.randperm(64, generator=gen)[: batch * kv_heads * 3].view(batch, kv_heads, 3)
+    q = torch.randn(batch, kv_heads * group, dim, generator=gen)
+    results = []
+    for keys, values in ((pool_k, pool_v), (pool_k.float(), pool_v.float())):
+        scores = kernels.paged_scores(q, dim_major(keys), tables, lengths, dim**-0.5, one_slot_each(batch), EMPTY, EMPTY)
+        results.append((scores, kernels.paged_softmax_values(scores, values, tables, lengths, one_slot_each(batch), EMPTY, batch)))
+    (half_scores, half_out), (scores, out) = results
+    assert torch.equal(half_scores, scores) and torch.equal(half_out, out)
+
+
 def test_paged_attention_of_a_query_does_not_depend_on_the_others_in_its_group(kernels):
     """Greedy speculation is only lossless if a row's attention is bit for bit the same whether it is
     decoded alone or verified among the rows of a draft tree."""
@@ -211,12 +228,17 @@ def test_layer_ops_match_pytorch(kernels):
         gate, up = gate_up.chunk(2, dim=-1)
         assert torch.allclose(kernels.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
         assert torch.equal(kernels.silu_mul(gate_up[3:5]), kernels.silu_mul(gate_up)[3:5])  # a row alone, bit for bit
-    native, plain = (KVPool(8, 16, 64, torch.float32, torch.device("cpu"), k) for k in (kernels, None))
     slots = torch.randperm(8 * 16, generator=generator)[:27].view(9, 3)
     keys, values = qk[:, 9:], qkv[:, 12 * 64 :].view(9, 3, 64)
-    for pool in (native, plain):
-        pool.store(slots, keys, values)
-    assert torch.equal(native.keys, plain.keys) and torch.equal(native.values, plain.values) and native.keys.abs().sum() > 0
+    stored = {}
+    for dtype in (torch.float32, torch.float16):  # float16 entries are rounded to nearest, as torch rounds them
+        native, plain = (KVPool(8, 16, 64, dtype, torch.device("cpu"), k) for k in (kernels, None))
+        for pool in (native, plain):
+            pool.store(slots, keys, values)
+        assert torch.equal(native.keys, plain.keys) and torch.equal(native.values, plain.values) and native.keys.abs().sum() > 0
+        stored[dtype] = native
+    assert torch.equal(stored[torch.float32].keys.half(), stored[torch.float16].keys)
+    assert torch.equal(stored[torch.float32].values.half(), stored[torch.float16].values)
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +276,14 @@ def test_speculation_without_kernels_is_identical_to_plain_greedy(pytorch_llm):
     assert [o.token_ids for o in spec.generate(prompts, params)] == [o.token_ids for o in plain]
     assert sum(spec.engine.speculator.stats.accepted.values()) > 0
     assert spec.engine.block_manager.num_used_blocks == 0
+
+
+def test_a_float16_kv_pool_without_kernels_reads_back_its_entries(pytorch_llm):
+    """Gathered float16 entries are widened for attention: chunked prefill over them stays close to float32."""
+    prompt = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]
+    logits = [
+        pytorch_llm.with_options(kv_dtype=kv_dtype, prefill_chunk_size=8).prompt_logits(prompt)  # later chunks read the pool
+        for kv_dtype in ("float32", "float16")
+    ]
+    assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-2
+    assert (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean() >= 0.95

@@ -12,8 +12,9 @@ from .errors import ConfigError
 from .policies import ALLOCATIONS, POLICIES, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# what enters a GGUF-block matmul: float32 rows, or rows rounded to int8 per 32-entry block (as llama.cpp does)
-ACTIVATIONS = ("float32", "int8")
+# what enters a GGUF-block matmul: rows rounded to int8 per 32-entry block (as llama.cpp does), or float32
+# rows (the reference mode); "auto" is int8 where it applies (native CPU kernels, GGUF Q4_0/Q4_1/Q8_0 blocks)
+ACTIVATIONS = ("auto", "int8", "float32")
 
 
 @dataclass
@@ -112,8 +113,12 @@ class EngineConfig:
     prefill_chunk_size: int = 2048  # most prompt tokens of one sequence in one forward
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
-    activations: str = "float32"  # "int8": every row multiplied by Q4_0/Q4_1/Q8_0 blocks is rounded to int8
-    # per 32 entries first (faster, 0.1-1.2% error per matmul; needs the native kernels)
+    # "int8": every row multiplied by Q4_0/Q4_1/Q8_0 blocks is rounded to int8 per 32 entries first (faster,
+    # 0.1-1.2% error per matmul; needs the native kernels); "float32": the reference mode; "auto": int8 where it applies
+    activations: str = "auto"
+    # what the KV pool stores: "float32", "float16" or "bfloat16"; "auto": float16 with int8 activations (half
+    # the bytes that decoding reads at long context, as llama.cpp's cache), else the model's dtype
+    kv_dtype: str = "auto"
     kv_policy: KVPolicyConfig | None = None  # KV-cache eviction (None: keep everything)
     speculative: SpeculativeConfig | None = None  # speculative decoding for every request (None: only
     # for requests whose SamplingParams ask for it, with the default settings)
@@ -132,6 +137,8 @@ class EngineConfig:
             torch.device(self.device)
         except RuntimeError:
             raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
+        if self.kv_dtype != "auto" and self.kv_dtype not in DTYPES:
+            raise ConfigError(f"kv_dtype must be auto or one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
         if self.activations not in ACTIVATIONS:
             raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.activations == "int8" and not self.wants_native_kernels:

@@ -71,6 +71,7 @@ def run_longctx_benchmark(args) -> dict:
         prefill_chunk_size=args.prefill_chunk_size, max_batched_tokens=max(2048, args.prefill_chunk_size),
         prefix_caching=False,
     )
+    info["activations"] = llm.engine.activations  # "auto" resolved
     hf_model = None if args.no_transformers else load_hf_model(args.model, DTYPES[args.dtype])
     if hf_model is None:
         args.presses = []

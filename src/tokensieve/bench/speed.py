@@ -51,6 +51,7 @@ def run_speed_benchmark(args) -> dict:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
               kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations,
               prefix_caching=False)
+    info["activations"] = llm.engine.activations  # "auto" resolved
     hf = load_hf_model(args.model, DTYPES[args.dtype])
     vocab = llm.engine.model.config.vocab_size
     result = info | {

@@ -88,8 +88,10 @@ class PagedAttention:
         sliding_window: int | None = None,
         scratch: dict[str, torch.Tensor] | None = None,
         kernels=None,
+        dtype: torch.dtype = torch.float32,
     ):
         self.pool = pool
+        self.dtype = dtype  # the model's: what queries are, and what gathered keys and values become
         self.write_slots = write_slots  # [layers, tokens, kv_heads]
         self.decode = decode
         self.prefills = prefills
@@ -120,21 +122,24 @@ class PagedAttention:
         return out
 
     def _gather(self, block_tables: torch.Tensor, names=("keys", "values")) -> tuple[torch.Tensor, ...]:
-        """Keys and values [..., entries, dim] of the given blocks, copied into reused buffers
-        (a fresh multi-megabyte tensor per layer costs more in page faults than the copy itself)."""
+        """Keys and values [..., entries, dim] of the given blocks in the model's dtype, copied into reused
+        buffers (a fresh multi-megabyte tensor per layer costs more in page faults than the copy itself)."""
         ids = block_tables.flatten()
-        block_shape = (self.pool.block_size, self.pool.head_dim)
-        shape = block_tables.shape[:-1] + (-1, block_shape[-1])
-        return tuple(
-            torch.index_select(self.pool.entry_major(name), 0, ids, out=self._buffer(name, (len(ids),) + block_shape)).view(shape)
-            for name in names
-        )
+        block_shape = (len(ids), self.pool.block_size, self.pool.head_dim)
+        shape = block_tables.shape[:-1] + (-1, self.pool.head_dim)
+        gathered = []
+        for name in names:
+            stored = torch.index_select(self.pool.entry_major(name), 0, ids, out=self._buffer(name, block_shape, self.pool.dtype))
+            if self.pool.dtype != self.dtype:  # a narrower pool: widen once, into a buffer of its own
+                stored = self._buffer(f"{name} widened", block_shape, self.dtype).copy_(stored)
+            gathered.append(stored.view(shape))
+        return tuple(gathered)
 
-    def _buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = math.prod(shape)
         buffer = self.scratch.get(name)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.scratch[name] = torch.empty(numel, dtype=self.pool.keys.dtype, device=self.pool.keys.device)
+            buffer = self.scratch[name] = torch.empty(numel, dtype=dtype, device=self.pool.keys.device)
         return buffer[:numel].view(shape)
 
     def _entry_positions(self, block_tables: torch.Tensor) -> torch.Tensor:

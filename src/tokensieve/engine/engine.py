@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..cache import cache_root
-from ..config import EngineConfig, SpeculativeConfig
+from ..config import DTYPES, EngineConfig, SpeculativeConfig
 from ..errors import ContextLengthError, RequestError
 from ..kernels import native_kernels
 from ..models.llama import LlamaModel
@@ -47,10 +47,18 @@ class LLMEngine:
         else:
             self.model = load_model(model, config.torch_dtype, config.device, self.kernels, config.activations)
             self.tokenizer = load_tokenizer(model)
+        self.activations = self.model.activations  # what the model runs, "auto" resolved
+        if config.activations == "auto" and self.activations != "int8":
+            log.info("float32 activations: int8 needs the native CPU kernels (float32, CPU) and GGUF Q4_0/Q4_1/Q8_0 "
+                     "blocks (kernels %s, dtype %s, device %s)", "on" if self.kernels else "off", config.dtype, config.device)
         model_cfg = self.model.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
-        num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, config.torch_dtype)
-        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, config.torch_dtype, self.device, self.kernels)
+        # "auto": float16 entries on the int8 fast path (as llama.cpp stores its cache), else the model's dtype
+        self.kv_dtype = DTYPES[config.kv_dtype] if config.kv_dtype != "auto" else (
+            torch.float16 if self.activations == "int8" else config.torch_dtype
+        )
+        num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, self.kv_dtype)
+        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, self.kv_dtype, self.device, self.kernels)
         policy = config.kv_policy
         evicts = policy is not None and policy.evicts
         if evicts and config.prefix_caching:
@@ -127,7 +135,7 @@ class LLMEngine:
         if self.speculator is None:
             config = self.config.speculative or SpeculativeConfig()
             fingerprint = hashlib.sha256(repr((
-                self.model.config, self.config.dtype, self.config.activations, self.config.device, self.config.block_size,
+                self.model.config, self.config.dtype, self.activations, self.kv_dtype, self.config.device, self.config.block_size,
                 getattr(self.kernels, "__file__", None), torch.get_num_threads(), LATENCY_CONTEXTS,
             )).encode()).hexdigest()[:16]
             latency = LatencyTable(
@@ -331,6 +339,8 @@ class LLMEngine:
             waiting_by_client[seq.client] = waiting_by_client.get(seq.client, 0) + 1
         memory = self.kv_memory()
         return {
+            "activations": self.activations,
+            "kv_dtype": str(self.kv_dtype).removeprefix("torch."),
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
             "waiting_by_client": waiting_by_client,

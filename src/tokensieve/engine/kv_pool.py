@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..kernels import kernels_take
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -18,7 +17,8 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 
 class KVPool:
-    """Storage of `num_blocks` blocks, each `block_size` entries of one (layer, KV head).
+    """Storage of `num_blocks` blocks, each `block_size` entries of one (layer, KV head), in `dtype`
+    (which may be narrower than the model's: float16 entries halve what decoding reads at long context).
 
     A flat slot is block * block_size + entry. Values lie entry-major ([blocks, block_size, dim]);
     keys lie dimension-major ([blocks, dim, block_size]: dim d of every entry of a block side by side),
@@ -28,9 +28,10 @@ class KVPool:
     def __init__(
         self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device, kernels=None
     ):
-        self.num_blocks, self.block_size, self.head_dim = num_blocks, block_size, head_dim
+        self.num_blocks, self.block_size, self.head_dim, self.dtype = num_blocks, block_size, head_dim, dtype
         self.keys = _lazy_zeros((num_blocks, head_dim, block_size), dtype, device)
-        self.kernels = kernels if kernels_take(kernels, self.keys) else None  # store_kv
+        native = device.type == "cpu" and dtype in (torch.float32, torch.float16)
+        self.kernels = kernels if native else None  # store_kv, and the decode kernels read the pool in place
         self.values = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
         self.positions = _lazy_zeros((num_blocks, block_size), torch.int64, device)
 
@@ -42,7 +43,8 @@ class KVPool:
         """Write keys and values [tokens, kv_heads, dim] at flat slots [tokens, kv_heads]."""
         if self.kernels is not None:
             return self.kernels.store_kv(self.keys, self.values, slots.reshape(-1), keys, values)
-        slots, keys, values = slots.reshape(-1), keys.reshape(-1, self.head_dim), values.reshape(-1, self.head_dim)
+        slots = slots.reshape(-1)
+        keys, values = (t.reshape(-1, self.head_dim).to(self.dtype) for t in (keys, values))
         self.keys[slots // self.block_size, :, slots % self.block_size] = keys
         self.values.view(-1, self.head_dim)[slots] = values
 

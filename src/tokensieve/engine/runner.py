@@ -78,6 +78,7 @@ class ModelRunner:
             sliding_window=self.model.config.sliding_window,
             scratch=self.scratch,
             kernels=self.kernels,
+            dtype=self.model.norm.weight.dtype,
         )
         logits = self.model(
             torch.tensor(token_ids, device=self.device),

@@ -5,7 +5,8 @@
 // rms_norm:  x * rsqrt(mean(x^2) + eps) * weight, row by row.
 // rotary:    x * cos + rotate_half(x) * sin, the same products and sum PyTorch computes (this file
 //            is built without contracting them into fused multiply-adds), so bit for bit the same.
-// store_kv:  new keys and values written to their flat slots in the block pool (keys dimension-major).
+// store_kv:  new keys and values written to their flat slots in the block pool (keys dimension-major;
+//            float32, or float16 rounded to nearest).
 // silu_mul:  silu(gate) * up from the fused gate/up projection's output, one pass over its two
 //            halves instead of PyTorch's chunk, silu and multiply (silu(g) = g / (1 + e^-g), with
 //            the attention kernel's e^x: within 1e-6 of PyTorch's, not bit for bit).
@@ -14,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -78,9 +80,10 @@ torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
 
 void store_kv(torch::Tensor key_pool, torch::Tensor value_pool, torch::Tensor slots, torch::Tensor keys,
               torch::Tensor values) {
-  TORCH_CHECK(key_pool.scalar_type() == torch::kFloat32 && key_pool.is_contiguous() && key_pool.dim() == 3 &&
-                  value_pool.scalar_type() == torch::kFloat32 && value_pool.is_contiguous() && value_pool.dim() == 3,
-              "the pools must be contiguous float32 [blocks, dim, block_size] (keys) and [blocks, block_size, dim] (values)");
+  const auto pool_type = key_pool.scalar_type();
+  TORCH_CHECK((pool_type == torch::kFloat32 || pool_type == torch::kFloat16) && value_pool.scalar_type() == pool_type &&
+                  key_pool.is_contiguous() && key_pool.dim() == 3 && value_pool.is_contiguous() && value_pool.dim() == 3,
+              "the pools must be contiguous float32 or float16 [blocks, dim, block_size] (keys) and [blocks, block_size, dim] (values)");
   const int64_t dim = key_pool.size(1), block_size = key_pool.size(2), num_slots = key_pool.size(0) * block_size;
   TORCH_CHECK(slots.scalar_type() == torch::kInt64 && slots.is_contiguous(), "slots must be contiguous int64");
   for (const auto& t : {keys, values})
@@ -89,17 +92,23 @@ void store_kv(torch::Tensor key_pool, torch::Tensor value_pool, torch::Tensor sl
                 "keys and values must be float32 [tokens, kv_heads, dim] with unit stride in dim, one slot each");
   const int64_t heads = keys.size(1);
   const int64_t* slot = slots.data_ptr<int64_t>();
-  float* kp = key_pool.data_ptr<float>();
-  float* vp = value_pool.data_ptr<float>();
-  for (int64_t i = 0; i < slots.numel(); ++i) {
-    TORCH_CHECK(slot[i] >= 0 && slot[i] < num_slots, "slot ", slot[i], " is outside the pool");
-    const int64_t t = i / heads, h = i % heads;
-    const float* k = keys.data_ptr<float>() + t * keys.stride(0) + h * keys.stride(1);
-    const float* v = values.data_ptr<float>() + t * values.stride(0) + h * values.stride(1);
-    float* key_column = kp + (slot[i] / block_size) * dim * block_size + slot[i] % block_size;
-    for (int64_t d = 0; d < dim; ++d) key_column[d * block_size] = k[d];
-    std::copy(v, v + dim, vp + slot[i] * dim);
-  }
+  // a float16 pool takes each value rounded to nearest, as torch's .half() does
+  auto store = [&](auto* kp, auto* vp) {
+    using T = std::remove_pointer_t<decltype(kp)>;
+    for (int64_t i = 0; i < slots.numel(); ++i) {
+      TORCH_CHECK(slot[i] >= 0 && slot[i] < num_slots, "slot ", slot[i], " is outside the pool");
+      const int64_t t = i / heads, h = i % heads;
+      const float* k = keys.data_ptr<float>() + t * keys.stride(0) + h * keys.stride(1);
+      const float* v = values.data_ptr<float>() + t * values.stride(0) + h * values.stride(1);
+      T* key_column = kp + (slot[i] / block_size) * dim * block_size + slot[i] % block_size;
+      for (int64_t d = 0; d < dim; ++d) key_column[d * block_size] = static_cast<T>(k[d]);
+      std::transform(v, v + dim, vp + slot[i] * dim, [](float x) { return static_cast<T>(x); });
+    }
+  };
+  if (pool_type == torch::kFloat16)
+    store(key_pool.data_ptr<c10::Half>(), value_pool.data_ptr<c10::Half>());
+  else
+    store(key_pool.data_ptr<float>(), value_pool.data_ptr<float>());
 }
 
 torch::Tensor silu_mul(torch::Tensor gate_up) {

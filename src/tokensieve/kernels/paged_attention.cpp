@@ -1,4 +1,5 @@
-// Decode attention that reads keys and values where they lie in the block pool.
+// Decode attention that reads keys and values where they lie in the block pool (float32, or float16
+// converted to float32 as they are loaded: half the bytes read at long context).
 //
 // Each (sequence, KV head) has its own block list and length. paged_scores computes, for the G query
 // heads sharing that KV head, q . k * scale for every stored entry (-inf past the length);
@@ -63,9 +64,9 @@ constexpr int queries_per_pass(int V) { return 24 / V; }
 
 // f(first, n, entry) for runs of n <= 16 entries of one (sequence, KV head) from `first` to `end`
 // that lie in one block, entry pointing at the run's first entry in the pool: the next entry lies
-// `dim` floats on (values: entry-major blocks) or 1 float on (keys: dimension-major blocks).
-template <typename F>
-inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block_size, int64_t dim, int64_t entry_stride,
+// `dim` elements on (values: entry-major blocks) or 1 on (keys: dimension-major blocks).
+template <typename T, typename F>
+inline void for_each_run(const T* pool, const int64_t* blocks, int64_t block_size, int64_t dim, int64_t entry_stride,
                          int64_t first, int64_t end, F&& f) {
   constexpr int64_t kMaxRun = 16;
   for (int64_t i = first; i < end;) {
@@ -75,18 +76,34 @@ inline void for_each_run(const float* pool, const int64_t* blocks, int64_t block
   }
 }
 
+#if defined(__AVX512F__)
+// The first n <= 16 elements at p as floats (0 in the other lanes), and 16 elements at p as floats.
+inline __m512 load_lanes(const float* p, __mmask16 lanes) { return _mm512_maskz_loadu_ps(lanes, p); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_lanes(const c10::Half* p, __mmask16 lanes) {
+#if defined(__AVX512BW__)
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes, p));
+#else
+  alignas(64) float x[16];
+  for (int e = 0; e < 16; ++e) x[e] = (lanes >> e) & 1 ? static_cast<float>(p[e]) : 0.f;
+  return _mm512_load_ps(x);
+#endif
+}
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
+
 // out[i][0..n) = (query i . key e) * scale for the n <= 16 entries of a run of dimension-major keys
 // (dim d of entry e at keys[d * block_size + e]), for Q queries: one chain of multiply-adds over
 // d = 0, 1, ... per score, so a score does not depend on the other queries or entries.
-template <int Q>
-inline void run_scores(const float* const* queries, const float* keys, int64_t block_size, int64_t dim, int64_t n,
+template <int Q, typename T>
+inline void run_scores(const float* const* queries, const T* keys, int64_t block_size, int64_t dim, int64_t n,
                        float scale, float* const* out) {
 #if defined(__AVX512F__)
   const __mmask16 lanes = static_cast<__mmask16>((1u << n) - 1);
   __m512 acc[Q];
   for (int i = 0; i < Q; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t d = 0; d < dim; ++d) {
-    const __m512 key = _mm512_maskz_loadu_ps(lanes, keys + d * block_size);
+    const __m512 key = load_lanes(keys + d * block_size, lanes);
     for (int i = 0; i < Q; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(queries[i][d]), key, acc[i]);
   }
   for (int i = 0; i < Q; ++i) _mm512_mask_storeu_ps(out[i], lanes, _mm512_mul_ps(acc[i], _mm512_set1_ps(scale)));
@@ -94,18 +111,19 @@ inline void run_scores(const float* const* queries, const float* keys, int64_t b
   for (int i = 0; i < Q; ++i)
     for (int64_t e = 0; e < n; ++e) {
       float acc = 0.f;
-      for (int64_t d = 0; d < dim; ++d) acc = std::fma(queries[i][d], keys[d * block_size + e], acc);
+      for (int64_t d = 0; d < dim; ++d) acc = std::fma(queries[i][d], static_cast<float>(keys[d * block_size + e]), acc);
       out[i][e] = acc * scale;
     }
 #endif
 }
 
 // The same for any number of queries, 8 at a time (each key vector is loaded once per 8).
-inline void run_scores_any(const float* const* queries, int64_t nq, const float* keys, int64_t block_size, int64_t dim,
+template <typename T>
+inline void run_scores_any(const float* const* queries, int64_t nq, const T* keys, int64_t block_size, int64_t dim,
                            int64_t n, float scale, float* const* out) {
   for (int64_t i = 0; i < nq; i += 8)
     with_count<8>(std::min<int64_t>(8, nq - i),
-                  [&](auto q) { run_scores<decltype(q)::value>(queries + i, keys, block_size, dim, n, scale, out + i); });
+                  [&](auto q) { run_scores<decltype(q)::value, T>(queries + i, keys, block_size, dim, n, scale, out + i); });
 }
 
 #if defined(__AVX512F__)
@@ -133,20 +151,20 @@ void row_maxima(const float* s, int64_t s_stride, int64_t nq, int64_t length, fl
 // for Q <= queries_per_pass(V) queries at once (dim = 16 V), their sums in registers: each value
 // vector is loaded once for all of them. A query's sums do not depend on the others in the pass.
 #if defined(__AVX512F__)
-template <int V, int Q>
-void weighted_sums(const float* s, int64_t s_stride, const float* top, const float* values, const int64_t* blocks,
+template <int V, int Q, typename T>
+void weighted_sums(const float* s, int64_t s_stride, const float* top, const T* values, const int64_t* blocks,
                    int64_t length, int64_t block_size, float* const* out) {
   __m512 sum[Q][V];
   float total[Q] = {};
   alignas(64) float w[Q][16];
   for (int q = 0; q < Q; ++q)
     for (int v = 0; v < V; ++v) sum[q][v] = _mm512_setzero_ps();
-  for_each_run(values, blocks, block_size, 16 * V, 16 * V, 0, length, [&](int64_t first, int64_t n, const float* rows) {
+  for_each_run(values, blocks, block_size, 16 * V, 16 * V, 0, length, [&](int64_t first, int64_t n, const T* rows) {
     for (int q = 0; q < Q; ++q)
       _mm512_store_ps(w[q], exp_lanes(_mm512_sub_ps(load_scores(s + q * s_stride + first, n), _mm512_set1_ps(top[q]))));
     for (int64_t e = 0; e < n; ++e) {
       __m512 value[V];
-      for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(rows + e * 16 * V + 16 * v);
+      for (int v = 0; v < V; ++v) value[v] = load16(rows + e * 16 * V + 16 * v);
       for (int q = 0; q < Q; ++q) {
         total[q] += w[q][e];
         const __m512 weight = _mm512_set1_ps(w[q][e]);
@@ -161,30 +179,32 @@ void weighted_sums(const float* s, int64_t s_stride, const float* top, const flo
 #endif
 
 // The same for any dim, one query at a time, without vectors.
-void weighted_sums_scalar(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
+template <typename T>
+void weighted_sums_scalar(const float* s, int64_t s_stride, const float* top, int64_t nq, const T* values, const int64_t* blocks,
                           int64_t length, int64_t block_size, int64_t dim, float* const* out) {
   for (int64_t q = 0; q < nq; ++q) {
     float total = 0.f;
     std::fill(out[q], out[q] + dim, 0.f);
-    for_each_run(values, blocks, block_size, dim, dim, 0, length, [&](int64_t first, int64_t n, const float* rows) {
+    for_each_run(values, blocks, block_size, dim, dim, 0, length, [&](int64_t first, int64_t n, const T* rows) {
       for (int64_t e = 0; e < n; ++e) {
         const float w = std::exp(s[q * s_stride + first + e] - top[q]);
         total += w;
-        for (int64_t d = 0; d < dim; ++d) out[q][d] += w * rows[e * dim + d];
+        for (int64_t d = 0; d < dim; ++d) out[q][d] += w * static_cast<float>(rows[e * dim + d]);
       }
     });
     for (int64_t d = 0; d < dim; ++d) out[q][d] /= total;
   }
 }
 
-void weighted_sums_any(const float* s, int64_t s_stride, const float* top, int64_t nq, const float* values, const int64_t* blocks,
+template <typename T>
+void weighted_sums_any(const float* s, int64_t s_stride, const float* top, int64_t nq, const T* values, const int64_t* blocks,
                        int64_t length, int64_t block_size, int64_t dim, float* const* out) {
 #if defined(__AVX512F__)
   // the pass's query count chosen at compile time, so that its sums stay in registers
   if (with_vectors(dim, [&](auto v) {
         constexpr int V = decltype(v)::value;
         with_count<queries_per_pass(V)>(nq, [&](auto q) {
-          weighted_sums<V, decltype(q)::value>(s, s_stride, top, values, blocks, length, block_size, out);
+          weighted_sums<V, decltype(q)::value, T>(s, s_stride, top, values, blocks, length, block_size, out);
         });
       }))
     return;
@@ -200,8 +220,9 @@ struct Layout {
 // pool: values [blocks, block_size, dim], or keys [blocks, dim, block_size] (dim_major).
 Layout check(int64_t heads, const torch::Tensor& pool, bool dim_major, const torch::Tensor& block_tables,
              const torch::Tensor& lengths, const torch::Tensor& row_of_slot) {
-  TORCH_CHECK(pool.scalar_type() == torch::kFloat32 && pool.is_contiguous() && pool.dim() == 3,
-              dim_major ? "the key pool must be float32 [blocks, dim, block_size]" : "the value pool must be float32 [blocks, block_size, dim]");
+  TORCH_CHECK((pool.scalar_type() == torch::kFloat32 || pool.scalar_type() == torch::kFloat16) && pool.is_contiguous() && pool.dim() == 3,
+              dim_major ? "the key pool must be float32 or float16 [blocks, dim, block_size]"
+                        : "the value pool must be float32 or float16 [blocks, block_size, dim]");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.is_contiguous() && block_tables.dim() == 3,
               "block_tables must be contiguous int64 [batch, kv_heads, blocks]");
   TORCH_CHECK(lengths.scalar_type() == torch::kInt64 && lengths.is_contiguous() && lengths.numel() == block_tables.size(0) * block_tables.size(1),
@@ -249,7 +270,6 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
   const float* qp = q.data_ptr<float>();
   const int64_t row_stride = q.stride(0), head_stride = q.stride(1);
   const int64_t* row_of = row_of_slot.data_ptr<int64_t>();
-  const float* kp = key_pool.data_ptr<float>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
   float* sp = scores.data_ptr<float>();
@@ -257,33 +277,39 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
   // work units: (sequence, KV head, run of entries), so that one long sequence still uses every thread
   constexpr int64_t kEntriesPerUnit = 256;
   const int64_t runs = (max_entries + kEntriesPerUnit - 1) / kEntriesPerUnit;
-  at::parallel_for(0, L.batch * L.kv_heads * runs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> queries(group);
-    std::vector<float*> outs(group);
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t item = unit / runs, first = (unit % runs) * kEntriesPerUnit;
-      const int64_t last = std::min(first + kEntriesPerUnit, max_entries);
-      const int64_t length = lens[item], seq = item / L.kv_heads, kv_head = item % L.kv_heads;
-      const int64_t block_start = has_blocks ? length - rows[seq] : length;
-      const int64_t* blocks = tables + item * L.max_blocks;
-      float* out = sp + item * group * max_entries;
-      const int64_t stored_end = std::min(last, length);
-      for (int64_t i = stored_end; i < last; ++i)
-        for (int64_t g = 0; g < group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
-      for (int64_t g = 0; g < group; ++g)
-        queries[g] = qp + row_of[seq * L.slots + g / L.heads_per_slot] * row_stride +
-                     (kv_head * L.heads_per_slot + g % L.heads_per_slot) * head_stride;
-      for_each_run(kp, blocks, L.block_size, L.dim, 1, first, stored_end, [&](int64_t run_first, int64_t n, const float* keys) {
-        for (int64_t g = 0; g < group; ++g) outs[g] = out + g * max_entries + run_first;
-        run_scores_any(queries.data(), group, keys, L.block_size, L.dim, n, fscale, outs.data());
-        for (int64_t g = 0; g < group && run_first + n > block_start; ++g) {  // hide the draft block's unseen entries
-          const bool* sees = visibility + (seq * L.slots + g / L.heads_per_slot) * L.slots;
-          for (int64_t i = std::max(run_first, block_start); i < run_first + n; ++i)
-            if (!sees[i - block_start]) outs[g][i - run_first] = -std::numeric_limits<float>::infinity();
-        }
-      });
-    }
-  });
+  auto score = [&](const auto* kp) {  // float or c10::Half: the pool's element type
+    at::parallel_for(0, L.batch * L.kv_heads * runs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<const float*> queries(group);
+      std::vector<float*> outs(group);
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t item = unit / runs, first = (unit % runs) * kEntriesPerUnit;
+        const int64_t last = std::min(first + kEntriesPerUnit, max_entries);
+        const int64_t length = lens[item], seq = item / L.kv_heads, kv_head = item % L.kv_heads;
+        const int64_t block_start = has_blocks ? length - rows[seq] : length;
+        const int64_t* blocks = tables + item * L.max_blocks;
+        float* out = sp + item * group * max_entries;
+        const int64_t stored_end = std::min(last, length);
+        for (int64_t i = stored_end; i < last; ++i)
+          for (int64_t g = 0; g < group; ++g) out[g * max_entries + i] = -std::numeric_limits<float>::infinity();
+        for (int64_t g = 0; g < group; ++g)
+          queries[g] = qp + row_of[seq * L.slots + g / L.heads_per_slot] * row_stride +
+                       (kv_head * L.heads_per_slot + g % L.heads_per_slot) * head_stride;
+        for_each_run(kp, blocks, L.block_size, L.dim, 1, first, stored_end, [&](int64_t run_first, int64_t n, const auto* keys) {
+          for (int64_t g = 0; g < group; ++g) outs[g] = out + g * max_entries + run_first;
+          run_scores_any(queries.data(), group, keys, L.block_size, L.dim, n, fscale, outs.data());
+          for (int64_t g = 0; g < group && run_first + n > block_start; ++g) {  // hide the draft block's unseen entries
+            const bool* sees = visibility + (seq * L.slots + g / L.heads_per_slot) * L.slots;
+            for (int64_t i = std::max(run_first, block_start); i < run_first + n; ++i)
+              if (!sees[i - block_start]) outs[g][i - run_first] = -std::numeric_limits<float>::infinity();
+          }
+        });
+      }
+    });
+  };
+  if (key_pool.scalar_type() == torch::kFloat16)
+    score(key_pool.data_ptr<c10::Half>());
+  else
+    score(key_pool.data_ptr<float>());
   return scores;
 }
 
@@ -298,7 +324,6 @@ torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_poo
   const int64_t* rows = real_slots(L, block_rows);
   auto out = torch::empty({num_rows, L.kv_heads * L.heads_per_slot, L.dim}, scores.options());
   const float* sp = scores.data_ptr<float>();
-  const float* vp = value_pool.data_ptr<float>();
   const int64_t* row_of = row_of_slot.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = lengths.data_ptr<int64_t>();
@@ -309,23 +334,29 @@ torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_poo
   with_vectors(L.dim, [&](auto v) { most_per_pass = queries_per_pass(decltype(v)::value); });
   const int64_t per_pass = std::clamp<int64_t>(items * group / (4 * threads), 1, most_per_pass);
   const int64_t passes = (group + per_pass - 1) / per_pass;
-  at::parallel_for(0, items * passes, 1, [&](int64_t begin, int64_t end) {
-    float* outs[queries_per_pass(1)];
-    float top[queries_per_pass(1)];
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t item = unit / passes, query = (unit % passes) * per_pass;
-      const int64_t seq = item / L.kv_heads, kv_head = item % L.kv_heads;
-      const int64_t real = (rows ? rows[seq] : 1) * L.heads_per_slot;  // padding slots' queries are not summed
-      const int64_t nq = std::min(per_pass, real - query);
-      for (int64_t q = 0; q < nq; ++q) {
-        const int64_t g = query + q, row = row_of[seq * L.slots + g / L.heads_per_slot];
-        outs[q] = op + (row * L.kv_heads * L.heads_per_slot + kv_head * L.heads_per_slot + g % L.heads_per_slot) * L.dim;
+  auto sum_values = [&](const auto* vp) {  // float or c10::Half: the pool's element type
+    at::parallel_for(0, items * passes, 1, [&](int64_t begin, int64_t end) {
+      float* outs[queries_per_pass(1)];
+      float top[queries_per_pass(1)];
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t item = unit / passes, query = (unit % passes) * per_pass;
+        const int64_t seq = item / L.kv_heads, kv_head = item % L.kv_heads;
+        const int64_t real = (rows ? rows[seq] : 1) * L.heads_per_slot;  // padding slots' queries are not summed
+        const int64_t nq = std::min(per_pass, real - query);
+        for (int64_t q = 0; q < nq; ++q) {
+          const int64_t g = query + q, row = row_of[seq * L.slots + g / L.heads_per_slot];
+          outs[q] = op + (row * L.kv_heads * L.heads_per_slot + kv_head * L.heads_per_slot + g % L.heads_per_slot) * L.dim;
+        }
+        if (nq <= 0) continue;
+        const float* scores_of = sp + (item * group + query) * max_entries;
+        row_maxima(scores_of, max_entries, nq, lens[item], top);
+        weighted_sums_any(scores_of, max_entries, top, nq, vp, tables + item * L.max_blocks, lens[item], L.block_size, L.dim, outs);
       }
-      if (nq <= 0) continue;
-      const float* scores_of = sp + (item * group + query) * max_entries;
-      row_maxima(scores_of, max_entries, nq, lens[item], top);
-      weighted_sums_any(scores_of, max_entries, top, nq, vp, tables + item * L.max_blocks, lens[item], L.block_size, L.dim, outs);
-    }
-  });
+    });
+  };
+  if (value_pool.scalar_type() == torch::kFloat16)
+    sum_values(value_pool.data_ptr<c10::Half>());
+  else
+    sum_values(value_pool.data_ptr<float>());
   return out;
 }

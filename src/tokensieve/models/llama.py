@@ -44,9 +44,24 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
+class Embedding(nn.Module):
+    """Token id -> row of the embedding matrix; read from the GGUF blocks when the loader sets `native`
+    (then the module keeps no float32 copy: its weight is None)."""
+
+    native: QuantizedWeight | None = None
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim))  # filled by the loader
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(token_ids, self.weight) if self.native is None else self.native.rows(token_ids)
+
+
 class Linear(nn.Linear):
     """nn.Linear that, given its weights' GGUF blocks and the native kernels, multiplies the blocks:
-    with float32 activations for a few rows at a time, with int8 activations for any number."""
+    with float32 activations for a few rows at a time, with int8 activations for any number (then the
+    dense weight is None: the loader keeps only the blocks)."""
 
     native: QuantizedWeight | Int8Weight | None = None  # set by the loader, with the kernels
     kernels = None
@@ -128,10 +143,12 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Token ids of a flat batch in, logits of the requested rows out."""
 
+    activations = "float32"  # what enters the GGUF-block matmuls: set to "int8" by the loader when it packs them
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

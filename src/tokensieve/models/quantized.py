@@ -1,4 +1,5 @@
-"""Weights kept in GGUF's 32-weight blocks, multiplied by a native kernel when few rows are processed.
+"""Weights kept in GGUF's 32-weight blocks, multiplied by a native kernel when few rows are processed,
+and read row by row for an embedding lookup.
 
 Decoding reads every weight once per token; reading 4- or 8-bit blocks instead of float32 cuts the
 bytes per token by 4-6x. The blocks decode to exactly the float32 values the dense copy holds.
@@ -50,3 +51,18 @@ class QuantizedWeight:
 
     def matmul(self, x: torch.Tensor, kernels) -> torch.Tensor:
         return kernels.quantized_matmul(x, self.blocks, self.scales, self.mins, self.kind)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The float32 weights of rows `ids` [*ids.shape, in_features], the values GGUF's dequantization
+        gives (an embedding lookup that reads 4-8 bits per weight and keeps no float32 copy)."""
+        blocks = self.blocks[ids].view(*ids.shape, self.scales.shape[1], -1)
+        if self.kind == 2:  # Q8_0: int8 quants
+            quants = blocks.view(torch.int8).float()
+        else:  # Q4: a byte's low nibble is weight i of its block, its high nibble weight i + 16
+            quants = torch.cat([blocks & 15, blocks >> 4], dim=-1).float()
+            if self.kind == 0:
+                quants = quants - 8
+        weights = quants * self.scales[ids].unsqueeze(-1)
+        if self.kind == 1:
+            weights = weights + self.mins[ids].unsqueeze(-1)
+        return weights.flatten(-2)

@@ -11,12 +11,14 @@ import torch
 from ..cache import cache_root
 from ..errors import ModelLoadError
 from ..models.config import ModelConfig
-from ..models.llama import Attention, LlamaModel, RMSNorm, SwiGLU
+from ..models.llama import Attention, Linear, LlamaModel, RMSNorm, SwiGLU
 from ..models.int8_weight import Int8Weight
 from ..models.quantized import QuantizedWeight
 from .gguf_file import read_gguf
 from .hf_folder import read_hf_folder
+from .fast_tokenizer import FastTokenizer, serves_folder
 from .packaged import PACKAGED_MODELS, packaged_model_path
+from .weight_cache import LoadedWeights, WeightCache
 
 
 def resolve_model_path(model: str | Path) -> Path:
@@ -80,46 +82,94 @@ def _fused_quantized(cfg: ModelConfig, quantized: dict[str, QuantizedWeight]) ->
     return fused
 
 
+def _gguf_weights(path: Path, native: bool, activations: str) -> LoadedWeights:
+    """The weights of a GGUF file in the form the engine runs, from the weight cache when it has them."""
+    cache = WeightCache(path)
+    if native:
+        for form in ("int8", "float32") if activations == "auto" else (activations,):
+            cached = cache.load(form)
+            # auto takes a cached float32 form only where the file has no blocks for the int8 kernel
+            if cached is not None and not (activations == "auto" and form == "float32" and cached.has_blocks):
+                return cached
+    else:
+        cached = cache.load("dense")
+        if cached is not None:
+            return cached
+    cfg, hf_state, quantized = read_gguf(path)
+    state = _engine_state_dict(cfg, hf_state)
+    fused = _fused_quantized(cfg, quantized)
+    if native and activations == "int8" and not fused:
+        raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
+    if not native:
+        weights = LoadedWeights(cfg, state, has_blocks=bool(fused))
+    elif fused and activations != "float32":
+        weights = _int8_form(cfg, state, fused, quantized.get("model.embed_tokens.weight"))
+    else:
+        weights = LoadedWeights(cfg, state, fused, "float32", bool(fused))
+    cache.save("dense" if not native else weights.activations, weights)
+    return weights
+
+
+def _int8_form(cfg: ModelConfig, state: dict, fused: dict[str, QuantizedWeight], embedding: QuantizedWeight | None):
+    """Linears with blocks keep only their repacked blocks, the embedding only its blocks when it has any:
+    no float32 copy of what the blocks hold."""
+    natives: dict = {name: Int8Weight.pack(weight) for name, weight in fused.items()}
+    if embedding is not None:
+        natives["embed_tokens"] = embedding
+    state = {name: t for name, t in state.items() if name.removesuffix(".weight") not in natives}
+    return LoadedWeights(cfg, state, natives, "int8", True)
+
+
+def _build(weights: LoadedWeights, path: Path) -> LlamaModel:
+    """The model on the meta device, its tensors then assigned (no memory spent on initial values)."""
+    cfg = weights.config
+    with torch.device("meta"):
+        net = LlamaModel(cfg)
+    replaced = {f"{name}.weight" for name, w in weights.natives.items() if isinstance(w, Int8Weight) or name == "embed_tokens"}
+    for name in replaced:
+        net.get_submodule(name.removesuffix(".weight")).weight = None
+    missing, unexpected = net.load_state_dict(weights.state, strict=False, assign=True)
+    missing = [name for name in missing if not (cfg.tie_word_embeddings and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"{path}: weights do not match the architecture (missing {missing}, unexpected {unexpected})")
+    if cfg.tie_word_embeddings and "lm_head.weight" not in replaced:
+        net.lm_head.weight = net.embed_tokens.weight
+    return net
+
+
 def load_model(
-    model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", kernels=None, activations: str = "float32"
+    model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", kernels=None, activations: str = "auto"
 ) -> LlamaModel:
-    """Load the weights. Given the native `kernels`, linears whose GGUF blocks are Q4_0/Q4_1/Q8_0
-    also keep those blocks and multiply them natively: float32 activations when few rows are
-    processed, or (activations "int8") int8 activations for every forward (float32, CPU); RMSNorm
-    and the rotary embedding run natively too."""
+    """Load the weights; `net.activations` says what the model runs. Given the native `kernels`, linears
+    whose GGUF blocks are Q4_0/Q4_1/Q8_0 multiply those blocks natively: with int8 activations for
+    every forward ("int8"; then no float32 copy of those weights is kept), or with float32 activations
+    when few rows are processed ("float32", the reference mode); "auto" is int8 where it applies.
+    RMSNorm and the rotary embedding run natively too. A GGUF file's loaded form is cached on disk."""
     if activations == "int8" and kernels is None:
         raise ModelLoadError("activations='int8' needs the native kernels, which are not available here (see the "
                              "warning above; TOKENSIEVE_NO_KERNELS must be unset and a C++ compiler present)")
     path = resolve_model_path(model)
-    quantized: dict[str, QuantizedWeight] = {}
     if path.is_dir():
+        if activations == "int8":
+            raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
         cfg, hf_state = read_hf_folder(path)
+        weights = LoadedWeights(cfg, _engine_state_dict(cfg, hf_state))
     elif path.suffix == ".gguf":
-        cfg, hf_state, quantized = read_gguf(path)
+        weights = _gguf_weights(path, kernels is not None, activations)
     else:
         raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
-    state = _engine_state_dict(cfg, hf_state)
-    with torch.device("meta"):  # no memory is spent on weights that are replaced right away
-        net = LlamaModel(cfg)
-    missing, unexpected = net.load_state_dict(state, strict=False, assign=True)
-    missing = [name for name in missing if not (cfg.tie_word_embeddings and name == "lm_head.weight")]
-    if missing or unexpected:
-        raise ModelLoadError(f"{path}: weights do not match the architecture (missing {missing}, unexpected {unexpected})")
-    if cfg.tie_word_embeddings:
-        net.lm_head.weight = net.embed_tokens.weight
-    net = net.to(device=device, dtype=dtype).eval()
+    net = _build(weights, path).to(device=device, dtype=dtype).eval()
+    net.activations = weights.activations
     if kernels is None:
         return net
     for module in net.modules():
         if isinstance(module, (RMSNorm, Attention, SwiGLU)):
             module.kernels = kernels
-    native = _fused_quantized(cfg, quantized)
-    if activations == "int8" and not native:
-        raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
-    for module_name, weight in native.items():
-        linear = net.get_submodule(module_name)
-        linear.native = Int8Weight.pack(weight) if activations == "int8" else weight
-        linear.kernels = kernels
+    for module_name, weight in weights.natives.items():
+        module = net.get_submodule(module_name)
+        module.native = weight
+        if isinstance(module, Linear):
+            module.kernels = kernels
     return net
 
 
@@ -152,28 +202,40 @@ def check_round_trip(tokenizer, source: Path) -> None:
         )
 
 
-def load_tokenizer(model: str | Path):
-    """The transformers tokenizer (with chat template) stored beside the weights or inside the GGUF;
-    one converted from a GGUF is cached, and checked to give a text back from its ids."""
-    from transformers import AutoTokenizer
+def _open_tokenizer(folder: Path):
+    """A saved tokenizer: a FastTokenizer where it is exactly its tokenizer.json, else transformers'."""
 
+    def from_pretrained():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+
+    return FastTokenizer(folder, from_pretrained) if serves_folder(folder) else from_pretrained()
+
+
+def load_tokenizer(model: str | Path):
+    """The tokenizer (with chat template) stored beside the weights or inside the GGUF, as transformers
+    loads it (a FastTokenizer where that is the same and quicker); one converted from a GGUF is
+    cached, and checked to give a text back from its ids."""
     path = resolve_model_path(model)
     try:
         if path.is_dir():
-            return AutoTokenizer.from_pretrained(str(path))
+            return _open_tokenizer(path)
         cache = _tokenizer_cache_dir(path)
         if (cache / "tokenizer_config.json").is_file():
             try:
-                tokenizer = AutoTokenizer.from_pretrained(str(cache))
+                tokenizer = _open_tokenizer(cache)
                 check_round_trip(tokenizer, path)
                 return tokenizer
             except Exception:
                 shutil.rmtree(cache, ignore_errors=True)  # a broken or unreadable earlier conversion: convert again
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         check_round_trip(tokenizer, path)
         try:
             tokenizer.save_pretrained(str(cache))
-            check_round_trip(AutoTokenizer.from_pretrained(str(cache)), path)
+            check_round_trip(_open_tokenizer(cache), path)
         except Exception:  # a read-only home, or a saved form that loses text: convert again next time
             shutil.rmtree(cache, ignore_errors=True)
         return tokenizer
