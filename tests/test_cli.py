@@ -22,6 +22,9 @@ def test_generate_streams_text_and_stats(shared_model, capsys, llm):
         cli.build_parser().parse_args(["generate", "x", "--max-tokens", "8"])))[0].text
     assert captured.out.strip() == expected.strip()
     assert "tok/s" in captured.err and "8 generated" in captured.err
+    assert "float32 activations, float32 KV" in captured.err  # what it runs (the shared model: the reference mode)
+    peak = float(captured.err.split("peak memory ")[1].split(" MB")[0])
+    assert 100 < peak < 100_000  # this process's peak, in MB
 
 
 def test_chat_keeps_history_and_recovers_from_errors(shared_model, capsys, monkeypatch):

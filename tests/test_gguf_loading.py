@@ -190,6 +190,7 @@ def weight_cache(tmp_path, monkeypatch):
 def test_embedding_rows_read_from_blocks_are_the_dequantized_values(type_name):
     import gguf
 
+    from tokensieve.models.int8_weight import Int8Weight
     from tokensieve.models.quantized import QuantizedWeight
 
     weight = np.random.default_rng(1).normal(size=(40, 96)).astype(np.float32)
@@ -198,6 +199,7 @@ def test_embedding_rows_read_from_blocks_are_the_dequantized_values(type_name):
     blocks = QuantizedWeight.from_gguf(raw, type_name)
     ids = torch.tensor([[3, 39, 0], [7, 7, 12]])
     assert torch.equal(blocks.rows(ids), dense[ids])
+    assert torch.equal(Int8Weight.pack(blocks).rows(ids), dense[ids])  # read back from the int8 kernel's layout
 
 
 def test_int8_form_keeps_only_the_blocks_and_matches_float32(written, weight_cache):

@@ -128,4 +128,6 @@ def test_the_default_runs_int8_where_it_applies_and_says_what_it_runs(int8_llm, 
     assert llm.engine.activations == "float32" and llm.engine.kv_dtype == torch.float32  # asked for the reference
     default = LLM("smollm2-135m")
     assert default.engine.activations == "int8" and default.engine.stats()["kv_dtype"] == "float16"
-    assert default.engine.model.embed_tokens.weight is None  # no float32 copy of what the blocks hold
+    model = default.engine.model
+    assert model.embed_tokens.weight is None  # no float32 copy of what the blocks hold
+    assert model.embed_tokens.native.packed.data_ptr() == model.lm_head.native.packed.data_ptr()  # tied: one copy

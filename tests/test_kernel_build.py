@@ -32,10 +32,22 @@ def test_a_lock_left_by_a_killed_build_is_taken_over(tmp_path, monkeypatch):
     built = _build_dir()  # this session's build, in the usual cache
     build_dir = fresh_build_dir(tmp_path, monkeypatch)
     shutil.copytree(built, build_dir, dirs_exist_ok=True)
+    (build_dir / "tokensieve_kernels.so").unlink()  # killed before linking: the objects are there, the library not
     (build_dir / TORCH_LOCK).touch()  # what a build killed with SIGKILL leaves: torch would wait on it forever
     done = run_load(tmp_path, timeout=120)
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr
-    assert "building" not in done.stderr  # already built: nothing to say
+    assert (build_dir / "tokensieve_kernels.so").is_file()  # linked again
+    again = run_load(tmp_path, timeout=60)
+    assert again.returncode == 0 and "building" not in again.stderr  # built: loaded as it is, nothing to say
+
+
+def test_a_broken_library_is_built_again_not_loaded(tmp_path):
+    from tokensieve.kernels import _import_built
+
+    broken = tmp_path / "tokensieve_kernels.so"
+    broken.write_bytes(b"\x7fELF cut short")
+    assert _import_built(broken) is None and _import_built(tmp_path / "missing.so") is None
+    assert _import_built(_build_dir() / "tokensieve_kernels.so").paged_scores is not None
 
 
 def test_a_build_interrupted_by_sighup_does_not_block_the_next_run(tmp_path, monkeypatch):

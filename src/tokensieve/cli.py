@@ -14,8 +14,11 @@ from .weights.packaged import DEFAULT_MODEL
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="packaged alias, .gguf file or Hugging Face folder")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--activations", default="float32", choices=["float32", "int8"],
-                        help="int8: round what enters a Q4/Q8 matmul to int8 per 32 values (faster, ~0.1-1%% error per matmul)")
+    parser.add_argument("--activations", default="auto", choices=["auto", "int8", "float32"],
+                        help="int8: round what enters a Q4/Q8 matmul to int8 per 32 values (faster, ~0.1-1%% error per "
+                             "matmul); float32: the reference mode; auto (default): int8 where it applies")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="what the KV cache stores (auto: float16 with int8 activations, else the model's dtype)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -85,7 +88,7 @@ def _load(args, **engine_options):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations,
+    return LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_dtype=args.kv_dtype,
                kv_policy=_kv_policy(args), speculative=_speculative(args), **engine_options)
 
 
@@ -100,10 +103,15 @@ def _stream(llm, prompt, params, show_stats: bool) -> str:
     if show_stats and final is not None:
         m = final.metrics
         prefill_rate = final.num_prompt_tokens / m.time_to_first_token if m.time_to_first_token else 0.0
+        from .bench.cpu_llamacpp import peak_rss_bytes  # a module without imports of its own
+
+        engine = llm.engine.stats()
         print(
             f"[{final.num_prompt_tokens} prompt tokens, {final.num_generated_tokens} generated, "
             f"finish={final.finish_reason}; prefill {prefill_rate:.1f} tok/s, "
-            f"decode {m.decode_tokens_per_second or 0.0:.1f} tok/s, total {time.perf_counter() - started:.2f} s]",
+            f"decode {m.decode_tokens_per_second or 0.0:.1f} tok/s, total {time.perf_counter() - started:.2f} s; "
+            f"{engine['activations']} activations, {engine['kv_dtype']} KV; "
+            f"peak memory {peak_rss_bytes() / 1024**2:.0f} MB]",
             file=sys.stderr,
         )
     return final.text if final else ""
@@ -247,9 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     speed.set_defaults(func=cmd_bench, threads=2)
     add_longctx_parser(bench_sub, _add_model_options)
     bench_sub.choices["longctx"].set_defaults(func=cmd_bench)
+    from .bench.cpu_parser import add_cpu_parser
     from .bench.serve_parser import add_serve_parser
 
     add_serve_parser(bench_sub, _add_model_options)  # `bench serve` runs through its own func
+    add_cpu_parser(bench_sub)  # and `bench cpu` through its own
     spec = bench_sub.add_parser("spec", help="speculative decoding on Spec-Bench beside plain decoding and HF prompt lookup")
     _add_model_options(spec)
     from .bench.spec import QUESTIONS

@@ -107,10 +107,11 @@ class EngineConfig:
     block_size: int = 16  # entries of one (layer, KV head) per KV block
     kv_cache_bytes: int = 2 * 1024**3  # size of the KV pool (CPU pages are committed only when used)
     max_num_seqs: int = 16  # sequences running at once
-    # A bigger prefill chunk runs prompts faster; a smaller one stalls other sequences' decoding for less
-    # time (a 2048-token chunk of a 135M model takes about 4 s on 2 CPU cores).
     max_batched_tokens: int = 2048  # tokens in one forward
-    prefill_chunk_size: int = 2048  # most prompt tokens of one sequence in one forward
+    # A smaller prefill chunk stalls other sequences' decoding for less time and holds fewer activations: on
+    # SmolLM2-135M with int8 activations (2 cores), a 3072-token prompt prefills as fast in chunks of 512 as
+    # of 2048 (about 600 tokens/s) and the process peaks 100 MB lower (590 -> 490 MB).
+    prefill_chunk_size: int = 512  # most prompt tokens of one sequence in one forward
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
     # "int8": every row multiplied by Q4_0/Q4_1/Q8_0 blocks is rounded to int8 per 32 entries first (faster,

@@ -67,11 +67,12 @@ def run_longctx_benchmark(args) -> dict:
     torch.set_num_threads(args.threads)
     info = run_info(args)  # before the run: the commit and machine that ran it
     llm = LLM(  # no prefix caching: every system computes every case's prompt, as transformers does
-        args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_cache_bytes=args.kv_cache_bytes,
+        args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_dtype=args.kv_dtype,
+        kv_cache_bytes=args.kv_cache_bytes,
         prefill_chunk_size=args.prefill_chunk_size, max_batched_tokens=max(2048, args.prefill_chunk_size),
         prefix_caching=False,
     )
-    info["activations"] = llm.engine.activations  # "auto" resolved
+    info |= {"activations": llm.engine.activations, "kv_dtype": llm.engine.stats()["kv_dtype"]}  # "auto" resolved
     hf_model = None if args.no_transformers else load_hf_model(args.model, DTYPES[args.dtype])
     if hf_model is None:
         args.presses = []

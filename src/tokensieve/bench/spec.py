@@ -77,8 +77,9 @@ def run_spec_benchmark(args) -> dict:
     prompts = load_prompts(Path(args.questions), args.per_category)
     config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes)
     # no prefix caching: the prompts share the chat template's first tokens, and each must be computed whole
-    plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations, prefix_caching=False)
-    info["activations"] = plain.engine.activations  # "auto" resolved
+    plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_dtype=args.kv_dtype,
+                prefix_caching=False)
+    info |= {"activations": plain.engine.activations, "kv_dtype": plain.engine.stats()["kv_dtype"]}  # "auto" resolved
     spec = plain.with_options(speculative=config)
     hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)

@@ -50,8 +50,8 @@ def run_speed_benchmark(args) -> dict:
     # no prefix caching: each setting runs the same prompts `repeats` times, and every run must compute them
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
               kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations,
-              prefix_caching=False)
-    info["activations"] = llm.engine.activations  # "auto" resolved
+              kv_dtype=args.kv_dtype, prefix_caching=False)
+    info |= {"activations": llm.engine.activations, "kv_dtype": llm.engine.stats()["kv_dtype"]}  # "auto" resolved
     hf = load_hf_model(args.model, DTYPES[args.dtype])
     vocab = llm.engine.model.config.vocab_size
     result = info | {

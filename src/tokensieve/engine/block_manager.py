@@ -20,7 +20,10 @@ class BlockManager:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.blocks_per_group = num_layers * num_kv_heads  # physical blocks behind one logical block
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # free blocks: those handed back (reused first: their pages are in memory already), then the
+        # never used ones from _next_unused up, which cost nothing until written (no list of them either)
+        self._released: list[int] = []
+        self._next_unused = 0
         self._live: dict[int, BlockTable] = {}  # tables by id(), to count stored entries
         self.prefix_cache = PrefixCache() if prefix_caching else None
         self.peak_used_blocks = 0  # most blocks handed out at once since the last reset_peak()
@@ -29,7 +32,7 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         """Blocks nobody holds: never used, or cached and evictable."""
         evictable = self.prefix_cache.num_evictable if self.prefix_cache else 0
-        return len(self._free) + evictable * self.blocks_per_group
+        return len(self._released) + self.num_blocks - self._next_unused + evictable * self.blocks_per_group
 
     @property
     def num_used_blocks(self) -> int:
@@ -60,11 +63,15 @@ class BlockManager:
         total = int(needed.sum())
         if total > self.num_free_blocks:
             raise MemoryError(f"need {total} KV blocks, {self.num_free_blocks} free")
-        while total > len(self._free):  # the least recently used cached blocks make room
-            self._free.extend(self.prefix_cache.evict())
+        while total > len(self._released) + self.num_blocks - self._next_unused:  # the least recently used
+            self._released.extend(self.prefix_cache.evict())  # cached blocks make room
         if total:
-            block_ids = self._free[-total:]
-            del self._free[-total:]
+            reused = min(total, len(self._released))
+            unused = total - reused
+            block_ids = list(range(self._next_unused + unused - 1, self._next_unused - 1, -1))
+            block_ids += self._released[len(self._released) - reused :]
+            del self._released[len(self._released) - reused :]
+            self._next_unused += unused
             table.add_blocks(needed, block_ids)
             self._update_peak()
 
@@ -107,7 +114,7 @@ class BlockManager:
                     return
                 block = block[0]
                 self.prefix_cache.acquire([block])
-                self._free.extend(table.blocks[:, :, index].ravel().tolist())
+                self._released.extend(table.blocks[:, :, index].ravel().tolist())
                 table.blocks[:, :, index] = block.block_ids
             table.cached.append(block)
 
@@ -117,19 +124,19 @@ class BlockManager:
         Returns the (source, destination) slots whose contents the caller must move."""
         assert not table.cached, "a KV policy never compresses a table that shares cached blocks"
         source, destination, freed = table.compact(keep)
-        self._free.extend(freed)
+        self._released.extend(freed)
         return source, destination
 
     def keep_appended(self, table: BlockTable, num_appended: int, kept) -> tuple:
         """Keep only the appended entries at offsets `kept` (see BlockTable.keep_appended); freed
         blocks return to the pool. Returns the (source, destination) slots the caller must move."""
         source, destination, freed = table.keep_appended(num_appended, kept)
-        self._free.extend(freed)
+        self._released.extend(freed)
         return source, destination
 
     def release(self, table: BlockTable) -> None:
         """Return every block of `table` to the pool (its cached prefix to the cache); the table stays usable (empty)."""
-        self._free.extend(table.private_block_ids())
+        self._released.extend(table.private_block_ids())
         if table.cached:
             self.prefix_cache.release(table.cached)
         table.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import sys
 import time
@@ -38,6 +39,20 @@ def kernels_take(kernels, x) -> bool:
     return kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+def _import_built(library: Path):
+    """The extension a finished build left (the folder is named by its sources), without asking torch's
+    builder, which runs ninja to check it (0.2 s of every start); None if there is none or it is broken."""
+    if not library.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("tokensieve_kernels", library)
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:  # a link cut short: build again
+        return None
+    return module
+
+
 @functools.cache
 def native_kernels():
     """The compiled extension (quantized_matmul, int8_matmul, paged_scores, paged_softmax_values, top_tokens,
@@ -45,9 +60,12 @@ def native_kernels():
     if os.environ.get("TOKENSIEVE_NO_KERNELS"):
         return None
     try:
+        build_dir = _build_dir()
+        built = _import_built(build_dir / "tokensieve_kernels.so")
+        if built is not None:
+            return built
         from torch.utils.cpp_extension import load
 
-        build_dir = _build_dir()
         with exclusive_build(build_dir):
             first_build = not any(build_dir.glob("tokensieve_kernels*.so"))
             if first_build:

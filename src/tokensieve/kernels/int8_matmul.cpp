@@ -2,7 +2,8 @@
 // Q8_0 activations) and W in GGUF's Q4_0 / Q4_1 / Q8_0 blocks, repacked 16 outputs to a vector
 // (models/int8_weight.py): vector j of a block holds, in lane c, output c's weights 4j .. 4j+3, so
 // one VNNI instruction adds 4 products to each of 16 outputs. A block's dot product is exact in
-// int32; each (row, output) then adds dot * (weight scale * activation scale), block after block,
+// int32; each (row, output) then adds dot * (weight scale * activation scale), block after block
+// (the weight scales and Q4_1 mins kept in float16, as GGUF stores them),
 // the same float operations whatever the number of rows: results do not depend on the batch.
 // AVX-512 VNNI where the CPU has it, else plain C++ doing exactly the same arithmetic.
 #include "kernels.h"
@@ -84,10 +85,13 @@ inline void load_weights(const uint8_t* w, __m512i* v) {
   }
 }
 
+// 16 float16 values (a block's scales or mins of the 16 outputs) as floats, exactly.
+inline __m512 load_halves(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
 // R rows by the 16 outputs of one group, their accumulators in registers.
 template <int KIND, int R>
-inline void group_tile(const Int8Rows& x, int64_t row0, const uint8_t* w, const float* dw,
-                       const float* mw, float* out, int64_t N, __mmask16 lanes) {
+inline void group_tile(const Int8Rows& x, int64_t row0, const uint8_t* w, const at::Half* dw,
+                       const at::Half* mw, float* out, int64_t N, __mmask16 lanes) {
   const int64_t nb = x.num_blocks;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -97,7 +101,7 @@ inline void group_tile(const Int8Rows& x, int64_t row0, const uint8_t* w, const 
       _mm_prefetch(reinterpret_cast<const char*>(w + (b + kPrefetchBlocks) * group_block_bytes(KIND) + line), _MM_HINT_T0);
     __m512i v[8];
     load_weights<KIND>(w + b * group_block_bytes(KIND), v);
-    const __m512 weight_scales = _mm512_loadu_ps(dw + b * kLanes);
+    const __m512 weight_scales = load_halves(dw + b * kLanes);
     for (int r = 0; r < R; ++r) {
       const int64_t i = (row0 + r) * nb + b;
       const AliasedInt32* q = reinterpret_cast<const AliasedInt32*>(x.values.data() + i * kBlock);
@@ -112,7 +116,7 @@ inline void group_tile(const Int8Rows& x, int64_t row0, const uint8_t* w, const 
       const __m512 scale = _mm512_mul_ps(weight_scales, _mm512_set1_ps(x.scales[i]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
       if constexpr (KIND == Q4_1)
-        acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(mw + b * kLanes), _mm512_set1_ps(x.min_terms[i]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(load_halves(mw + b * kLanes), _mm512_set1_ps(x.min_terms[i]), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + (row0 + r) * N, lanes, acc[r]);
@@ -120,8 +124,8 @@ inline void group_tile(const Int8Rows& x, int64_t row0, const uint8_t* w, const 
 
 // The tile of exactly `rows` rows (1..R), its size chosen at compile time.
 template <int KIND, int R>
-inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t* w, const float* dw,
-                    const float* mw, float* out, int64_t N, int valid) {
+inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t* w, const at::Half* dw,
+                    const at::Half* mw, float* out, int64_t N, int valid) {
   if constexpr (R > 1)
     if (rows < R) return tile_of<KIND, R - 1>(rows, x, row0, w, dw, mw, out, N, valid);
   group_tile<KIND, R>(x, row0, w, dw, mw, out, N, static_cast<__mmask16>((1u << valid) - 1));
@@ -138,8 +142,8 @@ inline int32_t weight_at(const uint8_t* w, int c, int k) {
 }
 
 template <int KIND, int R>
-inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t* w, const float* dw,
-                    const float* mw, float* out, int64_t N, int valid) {
+inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t* w, const at::Half* dw,
+                    const at::Half* mw, float* out, int64_t N, int valid) {
   const int64_t nb = x.num_blocks;
   for (int64_t r = row0; r < row0 + rows; ++r)
     for (int c = 0; c < valid; ++c) {
@@ -150,8 +154,8 @@ inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t
         int32_t dot = 0;
         for (int k = 0; k < kBlock; ++k) dot += weight_at<KIND>(wb, c, k) * x.values[i * kBlock + k];
         if (KIND != Q4_1) dot -= x.zero_terms[i];
-        acc = std::fma(static_cast<float>(dot), dw[b * kLanes + c] * x.scales[i], acc);
-        if (KIND == Q4_1) acc = std::fma(mw[b * kLanes + c], x.min_terms[i], acc);
+        acc = std::fma(static_cast<float>(dot), static_cast<float>(dw[b * kLanes + c]) * x.scales[i], acc);
+        if (KIND == Q4_1) acc = std::fma(static_cast<float>(mw[b * kLanes + c]), x.min_terms[i], acc);
       }
       out[r * N + c] = acc;
     }
@@ -162,13 +166,13 @@ inline void tile_of(int64_t rows, const Int8Rows& x, int64_t row0, const uint8_t
 // Every row by groups [g_begin, g_end): the rows in as few passes of equal size as the registers
 // allow, each over the group's weights (which stay in L1 between passes).
 template <int KIND>
-void groups(const Int8Rows& x, int64_t M, const uint8_t* packed, const float* scales, const float* mins,
+void groups(const Int8Rows& x, int64_t M, const uint8_t* packed, const at::Half* scales, const at::Half* mins,
             float* out, int64_t N, int64_t g_begin, int64_t g_end) {
   const int64_t nb = x.num_blocks, passes = (M + kMostRows - 1) / kMostRows;
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* w = packed + g * nb * group_block_bytes(KIND);
-    const float* dw = scales + g * nb * kLanes;
-    const float* mw = KIND == Q4_1 ? mins + g * nb * kLanes : nullptr;
+    const at::Half* dw = scales + g * nb * kLanes;
+    const at::Half* mw = KIND == Q4_1 ? mins + g * nb * kLanes : nullptr;
     const int valid = static_cast<int>(std::min<int64_t>(kLanes, N - g * kLanes));
     for (int64_t r = 0, pass = 0; pass < passes; ++pass) {
       const int64_t rows = (M - r) / (passes - pass);
@@ -194,8 +198,10 @@ torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   if (M == 0) return out;
   const Int8Rows rows = quantize_rows(x.data_ptr<float>(), M, K, static_cast<int>(kind));
   const uint8_t* pp = packed.data_ptr<uint8_t>();
-  const float* sp = scales.data_ptr<float>();
-  const float* mp = kind == Q4_1 ? mins.data_ptr<float>() : nullptr;
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && (kind != Q4_1 || mins.scalar_type() == torch::kFloat16),
+              "the blocks' scales and mins must be float16, as GGUF stores them");
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = kind == Q4_1 ? mins.data_ptr<at::Half>() : nullptr;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, num_groups, 4, [&](int64_t begin, int64_t end) {
     if (kind == Q4_0) groups<Q4_0>(rows, M, pp, sp, mp, op, N, begin, end);

@@ -48,7 +48,7 @@ class Embedding(nn.Module):
     """Token id -> row of the embedding matrix; read from the GGUF blocks when the loader sets `native`
     (then the module keeps no float32 copy: its weight is None)."""
 
-    native: QuantizedWeight | None = None
+    native: QuantizedWeight | Int8Weight | None = None
 
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()

@@ -55,14 +55,20 @@ class QuantizedWeight:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The float32 weights of rows `ids` [*ids.shape, in_features], the values GGUF's dequantization
         gives (an embedding lookup that reads 4-8 bits per weight and keeps no float32 copy)."""
-        blocks = self.blocks[ids].view(*ids.shape, self.scales.shape[1], -1)
-        if self.kind == 2:  # Q8_0: int8 quants
-            quants = blocks.view(torch.int8).float()
-        else:  # Q4: a byte's low nibble is weight i of its block, its high nibble weight i + 16
-            quants = torch.cat([blocks & 15, blocks >> 4], dim=-1).float()
-            if self.kind == 0:
-                quants = quants - 8
-        weights = quants * self.scales[ids].unsqueeze(-1)
-        if self.kind == 1:
-            weights = weights + self.mins[ids].unsqueeze(-1)
-        return weights.flatten(-2)
+        quants = self.blocks[ids].view(*ids.shape, self.scales.shape[1], -1)
+        return dequantize_blocks(self.kind, quants, self.scales[ids], self.mins[ids] if self.kind == 1 else None)
+
+
+def dequantize_blocks(kind: int, quants: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    """float32 weights [..., blocks * 32] from GGUF's quant bytes [..., blocks, 32 (Q8_0) or 16 (Q4)] and
+    the blocks' scales (and Q4_1 mins) [..., blocks], computed as GGUF's dequantization computes them."""
+    if kind == 2:  # Q8_0: int8 quants
+        weights = quants.view(torch.int8).float()
+    else:  # Q4: a byte's low nibble is weight i of its block, its high nibble weight i + 16
+        weights = torch.cat([quants & 15, quants >> 4], dim=-1).float()
+        if kind == 0:
+            weights = weights - 8
+    weights = weights * scales.unsqueeze(-1)
+    if kind == 1:
+        weights = weights + mins.unsqueeze(-1)
+    return weights.flatten(-2)

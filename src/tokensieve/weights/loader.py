@@ -114,7 +114,9 @@ def _int8_form(cfg: ModelConfig, state: dict, fused: dict[str, QuantizedWeight],
     """Linears with blocks keep only their repacked blocks, the embedding only its blocks when it has any:
     no float32 copy of what the blocks hold."""
     natives: dict = {name: Int8Weight.pack(weight) for name, weight in fused.items()}
-    if embedding is not None:
+    if cfg.tie_word_embeddings and "lm_head" in natives:  # the head's blocks are the embedding's: one copy
+        natives["embed_tokens"] = natives["lm_head"]
+    elif embedding is not None:
         natives["embed_tokens"] = embedding
     state = {name: t for name, t in state.items() if name.removesuffix(".weight") not in natives}
     return LoadedWeights(cfg, state, natives, "int8", True)

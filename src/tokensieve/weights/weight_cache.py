@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,7 +69,8 @@ class WeightCache:
     """The cached forms of one GGUF file, in $TOKENSIEVE_CACHE/weights/<content hash>-<layout version>/."""
 
     def __init__(self, gguf_path: Path):
-        self.folder = cache_root() / "weights" / f"{file_digest(gguf_path)[:20]}-{_layout_version()}"
+        self.content = file_digest(gguf_path)[:20]
+        self.folder = cache_root() / "weights" / f"{self.content}-{_layout_version()}"
 
     def load(self, form: str) -> LoadedWeights | None:
         """The entry of this form, memory-mapped; None when there is none or it cannot be read."""
@@ -99,6 +101,9 @@ class WeightCache:
             with tempfile.NamedTemporaryFile(dir=self.folder, suffix=".tmp", delete=False) as tmp:
                 torch.save(saved, tmp)
             os.replace(tmp.name, self.folder / f"{form}.pt")
+            for stale in self.folder.parent.glob(f"{self.content}-*"):  # the same file in an older layout
+                if stale != self.folder:
+                    shutil.rmtree(stale, ignore_errors=True)
         except OSError as exc:
             if tmp is not None:
                 Path(tmp.name).unlink(missing_ok=True)
