@@ -268,7 +268,7 @@ def fake_http_server():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    counters = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
+    counters = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "activations": "int8"}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -334,3 +334,10 @@ def test_request_body_greedy_streamed_with_usage_and_server_extras():
     body = Target("http://x", "m", max_tokens=32, extra_body={"repeat_penalty": 1.0}).body([{"role": "user", "content": "q"}], "u")
     assert body["temperature"] == 0 and body["stream"] and body["stream_options"] == {"include_usage": True}
     assert body["repeat_penalty"] == 1.0 and body["user"] == "u" and "ignore_eos" not in body
+
+
+def test_the_activations_a_server_runs_come_from_its_stats(fake_http_server):
+    from tokensieve.bench.serve_servers import served_activations
+
+    assert served_activations(fake_http_server, None, "auto") == "int8"
+    assert served_activations("http://127.0.0.1:9", None, "auto") == "auto"  # nothing there: what was asked

@@ -108,9 +108,9 @@ class EngineConfig:
     kv_cache_bytes: int = 2 * 1024**3  # size of the KV pool (CPU pages are committed only when used)
     max_num_seqs: int = 16  # sequences running at once
     max_batched_tokens: int = 2048  # tokens in one forward
-    # A smaller prefill chunk stalls other sequences' decoding for less time and holds fewer activations: on
-    # SmolLM2-135M with int8 activations (2 cores), a 3072-token prompt prefills as fast in chunks of 512 as
-    # of 2048 (about 600 tokens/s) and the process peaks 100 MB lower (590 -> 490 MB).
+    # A smaller prefill chunk stalls other sequences' decoding for less time and holds fewer activations; a
+    # bigger one prefills a little faster (benchmarks/scripts/cpu_levers.py: on the default model, 2 cores,
+    # chunks of 512 against 2048 prefill 3072 tokens 0-10% slower, with a process peak about 50 MB lower).
     prefill_chunk_size: int = 512  # most prompt tokens of one sequence in one forward
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention

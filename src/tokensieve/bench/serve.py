@@ -29,7 +29,9 @@ from .provenance import package_version, run_info
 from .report import write_report
 from .serve_load import Target, run_clients
 from .serve_report import fairness, light_ttft, markdown, per_user, run_line, summarize_requests
-from .serve_servers import ServerProcess, free_port, llamacpp_command, prefix_counters, served_model, tokensieve_command
+from .serve_servers import (
+    ServerProcess, free_port, llamacpp_command, prefix_counters, served_activations, served_model, tokensieve_command,
+)
 from .serve_workloads import ClientLoad, Conversation, conversations, system_prompt
 
 DEFAULT_REQUESTS = 96
@@ -220,6 +222,7 @@ def run_serve_benchmark(args) -> dict:
                 with ServerProcess(f"tokensieve serve ({key})", command, port, "/health", args.startup_timeout) as proc:
                     target = runner.target(proc.base_url)
                     warm_up(target, args.workload)
+                    info["activations"] = served_activations(proc.base_url, args.api_key, info["activations"])
                     for spec, clients in plan[key]:
                         runner.run(target, spec, clients, counters=True)
         if llama is not None:

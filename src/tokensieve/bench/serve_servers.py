@@ -93,6 +93,17 @@ def served_model(base_url: str, api_key: str | None, fallback: str) -> str:
         return fallback
 
 
+def served_activations(base_url: str, api_key: str | None, fallback: str) -> str:
+    """What a tokensieve server's engine runs ("int8" or "float32", its /stats), or `fallback`."""
+    import httpx
+
+    try:
+        response = httpx.get(base_url + "/stats", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}, timeout=10)
+        return response.json()["activations"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return fallback
+
+
 def prefix_counters(base_url: str, api_key: str | None) -> tuple[float, float] | None:
     """(prefix_cache_queries, prefix_cache_hits) from /stats, or from /metrics; None where the server
     has neither."""

@@ -219,6 +219,16 @@ class PagedAttention:
             observer(layer, scores[seq, :, :group_size].unsqueeze(2), 0, 1)
         return self.kernels.paged_softmax_values(scores, self.pool.values, tables, lengths, group.row_of_slot, block_rows, q.shape[0])
 
+    @staticmethod
+    def _one_head_if_all_alike(lengths: torch.Tensor, entry_positions: torch.Tensor):
+        """Head 0's lengths [1] and entry positions [1, entries] when every KV head holds the same entries
+        (no policy evicted differently): one mask then serves every head, and SDPA's float copy of it is
+        a KV-head count smaller (20 MB less for a 512-token chunk at 3k tokens on the default model)."""
+        stored = int(lengths[0])
+        if bool((lengths == stored).all()) and bool((entry_positions[:, :stored] == entry_positions[:1, :stored]).all()):
+            return lengths[:1], entry_positions[:1]
+        return lengths, entry_positions
+
     def _attend_prefill(self, layer, chunk: PrefillChunk, q, k, v) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
@@ -230,8 +240,8 @@ class PagedAttention:
             mask, causal = None, True
         else:
             keys, values = self._gather(chunk.block_tables[layer])  # [kv_heads, entries, dim]
-            entry_positions = self._entry_positions(chunk.block_tables[layer])
-            mask = self._visible(chunk.lengths[layer], entry_positions, chunk.query_positions.view(1, num_tokens))
+            lengths, entry_positions = self._one_head_if_all_alike(chunk.lengths[layer], self._entry_positions(chunk.block_tables[layer]))
+            mask = self._visible(lengths, entry_positions, chunk.query_positions.view(1, num_tokens))
             mask, causal = mask.unsqueeze(1), False
         shape = (num_kv_heads, group_size) + keys.shape[1:]
         out = F.scaled_dot_product_attention(
