@@ -13,7 +13,7 @@ from tokensieve.cli import main
 RECORDED = Path(__file__).parent / "data" / "bench"
 
 
-@pytest.mark.parametrize("name", ["speed", "spec", "longctx"])
+@pytest.mark.parametrize("name", ["speed", "spec", "longctx", "cpu"])
 def test_report_writes_table_and_plot_from_a_recorded_result(tmp_path, name, capsys):
     shutil.copy(RECORDED / f"{name}.json", tmp_path / f"{name}.json")
     assert main(["bench", "report", str(tmp_path)]) == 0

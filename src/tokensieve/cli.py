@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--out", default="benchmarks/spec", help="folder for spec.json, spec_cases.jsonl, spec.md and spec.png")
     spec.set_defaults(func=cmd_bench, threads=2)
     report = bench_sub.add_parser("report", help="write a recorded run's Markdown table and plot again from its JSON")
-    report.add_argument("folder", help="a benchmark's output folder (holding speed.json, spec.json or longctx.json)")
+    report.add_argument("folder", help="a benchmark's output folder (holding its speed, spec, longctx, serve or cpu .json)")
     report.set_defaults(func=cmd_bench)
     return parser
 
