@@ -252,3 +252,10 @@ def test_an_unreadable_cache_entry_is_built_again(written, weight_cache, caplog)
     model = load_model(path, kernels=native_kernels())
     assert len(parsed) == 2 and model.activations == "int8"
     assert "ignoring the unreadable cached weights" in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_is_not_an_error(written, tmp_path, monkeypatch, caplog):
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TOKENSIEVE_CACHE", str(tmp_path / "cache"))
+    model = load_model(written[0], kernels=native_kernels())
+    assert model.activations == "int8" and "could not cache the loaded weights" in caplog.text

@@ -60,10 +60,10 @@ def check_settings(args) -> None:
 
 def llamacpp_skip_reason(gguf: Path) -> str | None:
     """Why llama.cpp cannot run beside us, or None when it can."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return f"llama_cpp is not importable: {LLAMACPP_INSTALL}"
     if gguf.suffix != ".gguf":
         return f"the model {gguf} is not a GGUF file, which llama.cpp needs"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"llama_cpp is not importable: {LLAMACPP_INSTALL}"
     return None
 
 

@@ -240,7 +240,8 @@ class PagedAttention:
             mask, causal = None, True
         else:
             keys, values = self._gather(chunk.block_tables[layer])  # [kv_heads, entries, dim]
-            lengths, entry_positions = self._one_head_if_all_alike(chunk.lengths[layer], self._entry_positions(chunk.block_tables[layer]))
+            entry_positions = self._entry_positions(chunk.block_tables[layer])
+            lengths, entry_positions = self._one_head_if_all_alike(chunk.lengths[layer], entry_positions)
             mask = self._visible(lengths, entry_positions, chunk.query_positions.view(1, num_tokens))
             mask, causal = mask.unsqueeze(1), False
         shape = (num_kv_heads, group_size) + keys.shape[1:]

@@ -6,7 +6,6 @@ import numpy as np
 import torch
 
 
-
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros whose CPU pages are only committed when first written (calloc), so an idle pool costs no RAM."""
     if device.type != "cpu":

@@ -104,7 +104,7 @@ class WeightCache:
             for stale in self.folder.parent.glob(f"{self.content}-*"):  # the same file in an older layout
                 if stale != self.folder:
                     shutil.rmtree(stale, ignore_errors=True)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
             if tmp is not None:
                 Path(tmp.name).unlink(missing_ok=True)
             log.warning("could not cache the loaded weights in %s (%s); the next start reads the GGUF file again",
