@@ -131,3 +131,5 @@ def test_the_default_runs_int8_where_it_applies_and_says_what_it_runs(int8_llm, 
     model = default.engine.model
     assert model.embed_tokens.weight is None  # no float32 copy of what the blocks hold
     assert model.embed_tokens.native.packed.data_ptr() == model.lm_head.native.packed.data_ptr()  # tied: one copy
+    elsewhere = LLM("smollm2-135m", dtype="bfloat16")  # no int8 kernel for bfloat16: it runs, and says, bfloat16
+    assert elsewhere.engine.stats()["activations"] == "bfloat16" and elsewhere.engine.stats()["kv_dtype"] == "bfloat16"

@@ -47,10 +47,11 @@ class LLMEngine:
         else:
             self.model = load_model(model, config.torch_dtype, config.device, self.kernels, config.activations)
             self.tokenizer = load_tokenizer(model)
-        self.activations = self.model.activations  # what the model runs, "auto" resolved
+        # what the matmuls take, "auto" resolved: int8 rows, or the model's dtype
+        self.activations = "int8" if self.model.activations == "int8" else config.dtype
         if config.activations == "auto" and self.activations != "int8":
-            log.info("float32 activations: int8 needs the native CPU kernels (float32, CPU) and GGUF Q4_0/Q4_1/Q8_0 "
-                     "blocks (kernels %s, dtype %s, device %s)", "on" if self.kernels else "off", config.dtype, config.device)
+            log.info("%s activations: int8 needs the native CPU kernels (float32, CPU) and GGUF Q4_0/Q4_1/Q8_0 blocks "
+                     "(kernels %s, device %s)", self.activations, "on" if self.kernels else "off", config.device)
         model_cfg = self.model.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         # "auto": float16 entries on the int8 fast path (as llama.cpp stores its cache), else the model's dtype
