@@ -182,7 +182,7 @@ def weight_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENSIEVE_CACHE", str(tmp_path / "cache"))
     parsed = []
     read_gguf = loader.read_gguf
-    monkeypatch.setattr(loader, "read_gguf", lambda path: parsed.append(path) or read_gguf(path))
+    monkeypatch.setattr(loader, "read_gguf", lambda path, **options: parsed.append(path) or read_gguf(path, **options))
     return tmp_path / "cache" / "weights", parsed
 
 
@@ -202,13 +202,19 @@ def test_embedding_rows_read_from_blocks_are_the_dequantized_values(type_name):
     assert torch.equal(Int8Weight.pack(blocks).rows(ids), dense[ids])  # read back from the int8 kernel's layout
 
 
-def test_int8_form_keeps_only_the_blocks_and_matches_float32(written, weight_cache):
+def test_int8_form_keeps_only_the_blocks_and_matches_float32(written, weight_cache, monkeypatch):
+    import gguf
+
     from tokensieve.models.int8_weight import Int8Weight
 
     path, _ = written
     kernels = native_kernels()
-    reference = load_model(path, kernels=kernels, activations="float32")
+    dequantized = []
+    dequantize = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, kind: dequantized.append(kind.name) or dequantize(data, kind))
     model = load_model(path, kernels=kernels)  # auto: int8 where GGUF blocks allow it
+    assert dequantized and not {"Q4_0", "Q4_1", "Q8_0"} & set(dequantized)  # built without a float32 copy of them
+    reference = load_model(path, kernels=kernels, activations="float32")
     assert model.activations == "int8" and reference.activations == "float32"
     o_proj, qkv = model.layers[0].self_attn.o_proj, model.layers[0].self_attn.qkv_proj
     assert isinstance(o_proj.native, Int8Weight) and o_proj.weight is None  # Q4_0: blocks only

@@ -97,8 +97,9 @@ def _undo_rope_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, rows_per_half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
-    """Config, float32 state dict (HF names), and the blocks of the tensors stored as Q4_0, Q4_1 or Q8_0."""
+def read_gguf(path: Path, dense_blocks: bool = True) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """Config, float32 state dict (HF names), and the blocks of the tensors stored as Q4_0, Q4_1 or Q8_0.
+    With dense_blocks False those tensors get no float32 copy: the caller dequantizes what it needs."""
     import gguf
 
     reader = _open(path)
@@ -106,18 +107,20 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, QuantizedWeight] = {}
     for tensor in reader.tensors:
+        name = _hf_name(tensor.name)
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        row_order = None
+        if cfg.architecture in ("llama", "mistral") and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = cfg.num_heads if "attn_q" in tensor.name else cfg.num_kv_heads
+            row_order = _undo_rope_permute(np.arange(shape[0]), heads)
+        if tensor.tensor_type.name in BLOCK_LAYOUTS and len(shape) == 2:
+            quantized[name] = QuantizedWeight.from_gguf(np.asarray(tensor.data), tensor.tensor_type.name, row_order)
+            if not dense_blocks:
+                continue
         try:
             array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
             raise ModelLoadError(f"{path}: tensor {tensor.name} has unsupported type {tensor.tensor_type.name}") from exc
-        array = array.reshape(tuple(reversed([int(d) for d in tensor.shape]))).astype(np.float32, copy=False)
-        row_order = None
-        if cfg.architecture in ("llama", "mistral") and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.num_heads if "attn_q" in tensor.name else cfg.num_kv_heads
-            row_order = _undo_rope_permute(np.arange(array.shape[0]), heads)
-            array = array[row_order]
-        name = _hf_name(tensor.name)
-        state[name] = torch.from_numpy(np.array(array, copy=True))
-        if tensor.tensor_type.name in BLOCK_LAYOUTS and array.ndim == 2:
-            quantized[name] = QuantizedWeight.from_gguf(np.asarray(tensor.data), tensor.tensor_type.name, row_order)
+        array = array.reshape(shape).astype(np.float32, copy=False)
+        state[name] = torch.from_numpy(np.array(array if row_order is None else array[row_order], copy=True))
     return cfg, state, quantized

@@ -46,14 +46,15 @@ def _linear_sources(layer: int) -> dict[str, list[str]]:
     }
 
 
-def _engine_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename HF tensors to our module names, fusing q/k/v and gate/up into single matrices."""
+def _engine_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], native: frozenset = frozenset()) -> dict:
+    """Rename HF tensors to our module names, fusing q/k/v and gate/up into single matrices; the weights of
+    the modules in `native` (kept only as blocks) are not there to fuse."""
     state = dict(hf_state)
     for i in range(cfg.num_layers):
         for module_name, sources in _linear_sources(i).items():
             for suffix in ("weight", "bias"):
                 names = [f"{source}.{suffix}" for source in sources]
-                if suffix == "bias" and names[0] not in state:
+                if (suffix == "bias" and names[0] not in state) or (suffix == "weight" and module_name in native):
                     continue
                 try:
                     parts = [state.pop(name) for name in names]
@@ -95,30 +96,43 @@ def _gguf_weights(path: Path, native: bool, activations: str) -> LoadedWeights:
         cached = cache.load("dense")
         if cached is not None:
             return cached
-    cfg, hf_state, quantized = read_gguf(path)
-    state = _engine_state_dict(cfg, hf_state)
+    int8_wanted = native and activations != "float32"
+    cfg, hf_state, quantized = read_gguf(path, dense_blocks=not int8_wanted)  # int8: no float32 copy made at all
     fused = _fused_quantized(cfg, quantized)
     if native and activations == "int8" and not fused:
         raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
-    if not native:
-        weights = LoadedWeights(cfg, state, has_blocks=bool(fused))
-    elif fused and activations != "float32":
-        weights = _int8_form(cfg, state, fused, quantized.get("model.embed_tokens.weight"))
+    if int8_wanted and fused:
+        weights = _int8_form(cfg, hf_state, fused, quantized)
     else:
-        weights = LoadedWeights(cfg, state, fused, "float32", bool(fused))
+        state = _engine_state_dict(cfg, _with_dense(hf_state, quantized, keep_as_blocks=set()))
+        weights = LoadedWeights(cfg, state, fused if native else {}, "float32", bool(fused))
     cache.save("dense" if not native else weights.activations, weights)
     return weights
 
 
-def _int8_form(cfg: ModelConfig, state: dict, fused: dict[str, QuantizedWeight], embedding: QuantizedWeight | None):
+def _with_dense(hf_state: dict, quantized: dict[str, QuantizedWeight], keep_as_blocks: set[str]) -> dict:
+    """hf_state with a float32 copy of every block tensor it lacks (dequantized from its blocks), but those
+    in keep_as_blocks."""
+    missing = {name: w for name, w in quantized.items() if name not in hf_state and name not in keep_as_blocks}
+    return hf_state | {name: w.rows(torch.arange(w.scales.shape[0])) for name, w in missing.items()}
+
+
+def _int8_form(cfg: ModelConfig, hf_state: dict, fused: dict[str, QuantizedWeight], quantized: dict[str, QuantizedWeight]):
     """Linears with blocks keep only their repacked blocks, the embedding only its blocks when it has any:
-    no float32 copy of what the blocks hold."""
+    no float32 copy of what the blocks hold (the other block tensors, in a linear mixing block types, are
+    dequantized)."""
     natives: dict = {name: Int8Weight.pack(weight) for name, weight in fused.items()}
+    embedding = quantized.get("model.embed_tokens.weight")
     if cfg.tie_word_embeddings and "lm_head" in natives:  # the head's blocks are the embedding's: one copy
         natives["embed_tokens"] = natives["lm_head"]
     elif embedding is not None:
         natives["embed_tokens"] = embedding
-    state = {name: t for name, t in state.items() if name.removesuffix(".weight") not in natives}
+    sources = {module: sources for i in range(cfg.num_layers) for module, sources in _linear_sources(i).items()}
+    sources |= {"lm_head": ["lm_head"], "embed_tokens": ["model.embed_tokens"]}
+    if cfg.tie_word_embeddings:
+        sources["lm_head"] = ["model.embed_tokens"]
+    as_blocks = {f"{source}.weight" for module in natives for source in sources[module]}
+    state = _engine_state_dict(cfg, _with_dense(hf_state, quantized, as_blocks), frozenset(natives))
     return LoadedWeights(cfg, state, natives, "int8", True)
 
 
