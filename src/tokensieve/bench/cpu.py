@@ -22,7 +22,7 @@ from ..weights.loader import resolve_model_path
 from . import cpu_llamacpp, cpu_processes
 from .cpu_report import LLAMACPP, OURS, markdown, speed_line, target_checks
 from .plotting import require_matplotlib
-from .provenance import package_version, run_info
+from .provenance import engine_settings, package_version, run_info
 from .report import write_report
 from .spec import QUESTIONS
 from .speed import ours_timed
@@ -124,7 +124,7 @@ def run_cpu_benchmark(args) -> dict:
     options = {"activations": args.activations} if args.activations else {}
     llm = LLM(args.model, prefix_caching=False, max_model_len=args.n_ctx, **options)
     engine = llm.engine
-    info = run_info(argparse.Namespace(**{**vars(args), "dtype": engine.config.dtype, "activations": engine.activations}))
+    info = run_info(argparse.Namespace(**{**vars(args), "dtype": engine.config.dtype})) | engine_settings(engine)
     result = info | {
         "gguf": str(gguf), "llama_cpp_python": package_version("llama_cpp_python"),
         "native_kernels": engine.kernels is not None, "n_ctx": args.n_ctx, "n_batch": cpu_llamacpp.N_BATCH,

@@ -16,7 +16,7 @@ from .longctx_report import summarize
 from .longctx_systems import OursSystem, TransformersSystem, score
 from .longctx_tasks import CaseMaker
 from .plotting import require_matplotlib
-from .provenance import run_info
+from .provenance import engine_settings, run_info
 from .report import write_report
 
 
@@ -72,7 +72,7 @@ def run_longctx_benchmark(args) -> dict:
         prefill_chunk_size=args.prefill_chunk_size, max_batched_tokens=max(2048, args.prefill_chunk_size),
         prefix_caching=False,
     )
-    info |= {"activations": llm.engine.activations, "kv_dtype": llm.engine.stats()["kv_dtype"]}  # "auto" resolved
+    info |= engine_settings(llm.engine)
     hf_model = None if args.no_transformers else load_hf_model(args.model, DTYPES[args.dtype])
     if hf_model is None:
         args.presses = []

@@ -46,6 +46,11 @@ def source_commit() -> str | None:
     return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
+def engine_settings(engine) -> dict:
+    """What the engine runs, its "auto" settings resolved (recorded beside run_info's)."""
+    return {"activations": engine.activations, "kv_dtype": engine.stats()["kv_dtype"]}
+
+
 def run_info(args) -> dict:
     """The run's provenance: stored at the top of each benchmark's JSON and named in its plot."""
     return {

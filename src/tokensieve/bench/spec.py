@@ -21,7 +21,7 @@ from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .hf_baseline import load_hf_model
 from .plotting import require_matplotlib
-from .provenance import run_info
+from .provenance import engine_settings, run_info
 from .report import write_report
 from .spec_report import markdown, summarize
 
@@ -79,7 +79,7 @@ def run_spec_benchmark(args) -> dict:
     # no prefix caching: the prompts share the chat template's first tokens, and each must be computed whole
     plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_dtype=args.kv_dtype,
                 prefix_caching=False)
-    info |= {"activations": plain.engine.activations, "kv_dtype": plain.engine.stats()["kv_dtype"]}  # "auto" resolved
+    info |= engine_settings(plain.engine)
     spec = plain.with_options(speculative=config)
     hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)

@@ -13,7 +13,7 @@ from ..llm import LLM
 from ..sampling_params import SamplingParams
 from .hf_baseline import hf_generate_timed, load_hf_model
 from .plotting import require_matplotlib
-from .provenance import run_info
+from .provenance import engine_settings, run_info
 from .report import write_report
 from .speed_report import decode_line, prefill_line
 
@@ -51,7 +51,7 @@ def run_speed_benchmark(args) -> dict:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batches),
               kv_cache_bytes=args.kv_cache_bytes, native_kernels=args.native_kernels, activations=args.activations,
               kv_dtype=args.kv_dtype, prefix_caching=False)
-    info |= {"activations": llm.engine.activations, "kv_dtype": llm.engine.stats()["kv_dtype"]}  # "auto" resolved
+    info |= engine_settings(llm.engine)
     hf = load_hf_model(args.model, DTYPES[args.dtype])
     vocab = llm.engine.model.config.vocab_size
     result = info | {

@@ -41,7 +41,9 @@ class QuantizedWeight:
 
     @staticmethod
     def concat(parts: list["QuantizedWeight"]) -> "QuantizedWeight | None":
-        """Stack row-wise (fused projections); None when the parts use different block types."""
+        """Stack row-wise (fused projections; a single part is itself); None when the parts use different block types."""
+        if len(parts) == 1:
+            return parts[0]
         if len({p.kind for p in parts}) != 1:
             return None
         mins = torch.cat([p.mins for p in parts]) if parts[0].mins.numel() else torch.empty(0)

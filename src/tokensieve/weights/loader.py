@@ -67,20 +67,27 @@ def _engine_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], nati
     return state
 
 
+def _weight_sources(cfg: ModelConfig) -> dict[str, list[str]]:
+    """Each linear that can multiply GGUF blocks (our module name) and the HF weights stacked into it."""
+    sources = {module: [f"{source}.weight" for source in parts]
+               for i in range(cfg.num_layers) for module, parts in _linear_sources(i).items()}
+    sources["lm_head"] = ["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+    return sources
+
+
 def _fused_quantized(cfg: ModelConfig, quantized: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
     """The GGUF blocks under our module names (q/k/v and gate/up stacked), where every part has blocks."""
     fused: dict[str, QuantizedWeight] = {}
-    for i in range(cfg.num_layers):
-        for module_name, sources in _linear_sources(i).items():
-            names = [f"{source}.weight" for source in sources]
-            if all(name in quantized for name in names):
-                weight = QuantizedWeight.concat([quantized[name] for name in names])
-                if weight is not None:
-                    fused[module_name] = weight
-    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    if head in quantized:
-        fused["lm_head"] = quantized[head]
+    for module_name, names in _weight_sources(cfg).items():
+        if all(name in quantized for name in names):
+            weight = QuantizedWeight.concat([quantized[name] for name in names])
+            if weight is not None:
+                fused[module_name] = weight
     return fused
+
+
+def _no_blocks(path: Path) -> ModelLoadError:
+    return ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
 
 
 def _gguf_weights(path: Path, native: bool, activations: str) -> LoadedWeights:
@@ -100,7 +107,7 @@ def _gguf_weights(path: Path, native: bool, activations: str) -> LoadedWeights:
     cfg, hf_state, quantized = read_gguf(path, dense_blocks=not int8_wanted)  # int8: no float32 copy made at all
     fused = _fused_quantized(cfg, quantized)
     if native and activations == "int8" and not fused:
-        raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
+        raise _no_blocks(path)
     if int8_wanted and fused:
         weights = _int8_form(cfg, hf_state, fused, quantized)
     else:
@@ -127,11 +134,8 @@ def _int8_form(cfg: ModelConfig, hf_state: dict, fused: dict[str, QuantizedWeigh
         natives["embed_tokens"] = natives["lm_head"]
     elif embedding is not None:
         natives["embed_tokens"] = embedding
-    sources = {module: sources for i in range(cfg.num_layers) for module, sources in _linear_sources(i).items()}
-    sources |= {"lm_head": ["lm_head"], "embed_tokens": ["model.embed_tokens"]}
-    if cfg.tie_word_embeddings:
-        sources["lm_head"] = ["model.embed_tokens"]
-    as_blocks = {f"{source}.weight" for module in natives for source in sources[module]}
+    sources = _weight_sources(cfg) | {"embed_tokens": ["model.embed_tokens.weight"]}
+    as_blocks = {name for module in natives for name in sources[module]}
     state = _engine_state_dict(cfg, _with_dense(hf_state, quantized, as_blocks), frozenset(natives))
     return LoadedWeights(cfg, state, natives, "int8", True)
 
@@ -167,7 +171,7 @@ def load_model(
     path = resolve_model_path(model)
     if path.is_dir():
         if activations == "int8":
-            raise ModelLoadError(f"activations='int8' multiplies GGUF Q4_0/Q4_1/Q8_0 blocks, and {path} has none")
+            raise _no_blocks(path)
         cfg, hf_state = read_hf_folder(path)
         weights = LoadedWeights(cfg, _engine_state_dict(cfg, hf_state))
     elif path.suffix == ".gguf":
