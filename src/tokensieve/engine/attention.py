@@ -77,6 +77,12 @@ class PrefillChunk:
     observed_queries: int | None = None  # the chunk's latest queries the observer sees (None: all)
 
 
+def _attention_with_lse(q, keys, values, is_causal=False, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's output [batch, heads, queries, dim] and the log-sum-exp of each query's scaled logits
+    [batch, heads, queries], from the CPU flash kernel SDPA itself runs (attn_mask additive, in q's dtype)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, is_causal, attn_mask=attn_mask)
+
+
 class PagedAttention:
     def __init__(
         self,
@@ -232,23 +238,52 @@ class PagedAttention:
     def _attend_prefill(self, layer, chunk: PrefillChunk, q, k, v) -> torch.Tensor:
         num_tokens, num_heads, head_dim = q.shape
         num_kv_heads = k.shape[1]
-        group_size = num_heads // num_kv_heads
         # batch = KV heads, heads = the query heads of that group (4-D inputs take the fast CPU kernel)
-        grouped_q = q.view(num_tokens, num_kv_heads, group_size, head_dim).permute(1, 2, 0, 3)
-        if chunk.is_first and self.sliding_window is None:
-            keys, values = k.transpose(0, 1), v.transpose(0, 1)
-            mask, causal = None, True
+        grouped_q = q.view(num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim).permute(1, 2, 0, 3)
+        if self.sliding_window is None and (chunk.is_first or q.device.type == "cpu"):
+            out = self._attend_own_then_stored(layer, chunk, grouped_q, k, v)
         else:
             keys, values = self._gather(chunk.block_tables[layer])  # [kv_heads, entries, dim]
             entry_positions = self._entry_positions(chunk.block_tables[layer])
             lengths, entry_positions = self._one_head_if_all_alike(chunk.lengths[layer], entry_positions)
-            mask = self._visible(lengths, entry_positions, chunk.query_positions.view(1, num_tokens))
-            mask, causal = mask.unsqueeze(1), False
-        shape = (num_kv_heads, group_size) + keys.shape[1:]
-        out = F.scaled_dot_product_attention(
-            grouped_q, keys.unsqueeze(1).expand(shape), values.unsqueeze(1).expand(shape), attn_mask=mask, is_causal=causal
-        )
+            mask = self._visible(lengths, entry_positions, chunk.query_positions.view(1, num_tokens)).unsqueeze(1)
+            out = F.scaled_dot_product_attention(grouped_q, *self._per_query_head(grouped_q, keys, values), attn_mask=mask)
         return out.permute(2, 0, 1, 3).reshape(num_tokens, num_heads, head_dim)
+
+    @staticmethod
+    def _per_query_head(grouped_q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys and values [kv_heads, entries, dim] as [kv_heads, group, entries, dim] views."""
+        shape = grouped_q.shape[:2] + keys.shape[1:]
+        return keys.unsqueeze(1).expand(shape), values.unsqueeze(1).expand(shape)
+
+    def _attend_own_then_stored(self, layer, chunk: PrefillChunk, grouped_q, k, v) -> torch.Tensor:
+        """A chunk's attention as two parts merged by their log-sum-exps: causal attention over its own
+        entries, and unmasked attention over the entries stored before it (all earlier positions). Neither
+        part needs a [queries, entries] mask, and the causal part skips its upper triangle, as one causal
+        SDPA over the whole prompt would."""
+        own_keys, own_values = self._per_query_head(grouped_q, k.transpose(0, 1), v.transpose(0, 1))
+        if chunk.is_first:
+            return F.scaled_dot_product_attention(grouped_q, own_keys, own_values, is_causal=True)
+        own, own_lse = _attention_with_lse(grouped_q, own_keys, own_values, is_causal=True)
+        stored_lengths = chunk.lengths[layer] - grouped_q.shape[2]  # the chunk's entries are the last of each head
+        most = int(stored_lengths.max())
+        blocks = chunk.block_tables[layer][:, : -(-most // self.pool.block_size)]
+        keys, values = self._gather(blocks)
+        keys, values = keys[:, :most], values[:, :most]
+        mask = None
+        if bool((stored_lengths < most).any()):  # a policy left the heads different lengths: hide the padding
+            hidden = torch.arange(most, device=keys.device) >= stored_lengths.unsqueeze(-1)
+            mask = torch.zeros(hidden.shape, dtype=grouped_q.dtype, device=keys.device).masked_fill_(hidden, float("-inf"))
+            mask = mask.view(-1, 1, 1, most)
+        # every stored entry precedes every query: a KV head's query heads attend as one long run of queries
+        kv_heads, group, num_tokens, head_dim = grouped_q.shape
+        stored, stored_lse = _attention_with_lse(
+            grouped_q.reshape(kv_heads, 1, group * num_tokens, head_dim), keys.unsqueeze(1), values.unsqueeze(1), attn_mask=mask
+        )
+        stored, stored_lse = stored.view(grouped_q.shape), stored_lse.view(kv_heads, group, num_tokens)
+        stored_lse.masked_fill_((stored_lengths == 0).view(-1, 1, 1), float("-inf"))  # the kernel gives such rows 0
+        weight = torch.sigmoid(stored_lse - own_lse).unsqueeze(-1).to(own.dtype)  # stored's share of the softmax mass
+        return own.lerp_(stored, weight)
 
     def _observe_prefill(self, layer: int, chunk: PrefillChunk, q: torch.Tensor) -> None:
         """Hand the observer the logits of the chunk's observed queries over all stored entries."""
