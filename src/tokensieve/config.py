@@ -43,6 +43,9 @@ class KVPolicyConfig:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.decode_interval is not None and self.decode_interval < 1:
             raise ConfigError(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
+        if self.decode_interval is not None and policy.reconstructs:
+            raise ConfigError(f"KV policy {self.name!r} scores the context once, by repeating it: it cannot compress "
+                              "while decoding (leave decode_interval unset)")
 
     @property
     def evicts(self) -> bool:

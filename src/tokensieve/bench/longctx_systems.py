@@ -27,6 +27,8 @@ KVPRESS_CLASSES = {
     "tova": "TOVAPress",
     "knorm": "KnormPress",
     "expected_attention": "ExpectedAttentionPress",
+    "keydiff": "KeyDiffPress",
+    "kvzip": "KVzipPress",
 }
 
 

@@ -75,6 +75,7 @@ class PrefillChunk:
     is_first: bool  # nothing was stored before this chunk: plain causal attention over the chunk
     observer: Observer | None = None
     observed_queries: int | None = None  # the chunk's latest queries the observer sees (None: all)
+    query_observer: Callable[[int, torch.Tensor], None] | None = None  # given (layer, the chunk's queries)
 
 
 def _attention_with_lse(q, keys, values, is_causal=False, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,6 +126,8 @@ class PagedAttention:
             out[rows] = self._attend_prefill(layer, chunk, q[rows], k[rows], v[rows])
             if chunk.observer is not None:
                 self._observe_prefill(layer, chunk, q[rows])
+            if chunk.query_observer is not None:
+                chunk.query_observer(layer, q[rows])
         return out
 
     def _gather(self, block_tables: torch.Tensor, names=("keys", "values")) -> tuple[torch.Tensor, ...]:

@@ -22,6 +22,7 @@ from ..speculative.latency import CONTEXTS as LATENCY_CONTEXTS, LatencyTable
 from ..speculative.speculator import Speculator
 from ..weights import load_model, load_tokenizer
 from .block_manager import BlockManager
+from .context_repeat import ContextRepeat
 from .fairness import make_fairness
 from .kv_compression import KVCompressor
 from .kv_pool import KVPool
@@ -72,8 +73,10 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size,
             make_fairness(config.scheduling),
         )
-        self.compressor = KVCompressor(policy, self.pool, self.block_manager) if evicts else None
-        self.runner = ModelRunner(self.model, self.pool, self.kernels, self.compressor)
+        self.compressor = KVCompressor(policy, self.pool, self.block_manager, self.model.rotary) if evicts else None
+        self.runner = ModelRunner(self.model, self.pool, self.block_manager, self.kernels, self.compressor)
+        if self.compressor is not None and self.compressor.policy.reconstructs:
+            self.compressor.reconstruct = ContextRepeat(self.compressor.policy, self.runner, self.block_manager, self.tokenizer)
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

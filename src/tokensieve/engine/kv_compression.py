@@ -1,18 +1,22 @@
-"""Runs the configured KV policy for the engine: records the attention a policy asks for during
-forwards, and compresses a sequence's cache to its budget after prefill chunks (and every
-`decode_interval` decode steps), returning the evicted entries' blocks to the pool."""
+"""Runs the configured KV policy for the engine: records the attention (or the queries) a policy asks
+for during forwards, and compresses a sequence's cache to its budget after prefill chunks (and every
+`decode_interval` decode steps), returning the evicted entries' blocks to the pool. A policy that
+reconstructs (KVzip) compresses once, when the context is in, after the engine has run its repeat."""
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..config import KVPolicyConfig
+from ..models.rope import RotaryEmbedding
 from ..policies import EntryView, keep_mask, layer_budgets, make_policy, ratio_budget
 from .block_manager import BlockManager
 from .kv_pool import KVPool
+from .query_moments import QuerySums, unrotate
 from .sequence import Sequence
 
 
@@ -24,22 +28,40 @@ def _fit(record: torch.Tensor, width: int) -> torch.Tensor:
 class KVCompressor:
     """Made by the engine only for a policy that evicts."""
 
-    def __init__(self, config: KVPolicyConfig, pool: KVPool, block_manager: BlockManager):
+    def __init__(
+        self, config: KVPolicyConfig, pool: KVPool, block_manager: BlockManager, rotary: RotaryEmbedding | None = None
+    ):
         self.config = config
         self.policy = make_policy(config.name, config.options, config.seed)
         self.pool = pool
         self.block_manager = block_manager
+        self.rotary = rotary  # to see queries as they were before RoPE (policies that model them)
+        # a reconstructing policy's repeat of a sequence's context, given the observer of its attention
+        self.reconstruct: Callable[[Sequence, Callable], None] | None = None
         self.num_compressions = 0
 
     # ---- observation (called from inside the forward) ----------------------------------------
     def observer(self, seq: Sequence, num_tokens: int):
         """The callback that records this forward's attention for `seq`, or None if none is needed."""
-        if self.policy.observed_queries == 0:
+        if self.policy.observed_queries == 0 or self.policy.reconstructs:
             return None
         in_compressed_prompt = seq.num_processed + num_tokens <= seq.compress_len
         if not in_compressed_prompt and self.config.decode_interval is None:
             return None
         return partial(self.record, seq)
+
+    def query_observer(self, seq: Sequence, positions: torch.Tensor):
+        """The callback that adds a prefill chunk's queries at `positions` to `seq`'s query moments, or None."""
+        if not self.policy.models_queries or seq.num_processed >= seq.compress_len:
+            return None
+        return partial(self.record_queries, seq, positions)
+
+    def record_queries(self, seq: Sequence, positions: torch.Tensor, layer: int, queries: torch.Tensor) -> None:
+        """Add queries [tokens, heads, dim] (after RoPE) to the moments, leaving out the sinks' (as kvpress does)."""
+        if seq.query_sums is None:
+            seq.query_sums = QuerySums(self.block_manager.num_layers, queries.shape[1], queries.shape[2], queries.device)
+        counted = positions >= self.policy.sinks
+        seq.query_sums.add(layer, unrotate(queries[counted], positions[counted], self.rotary))
 
     def record(self, seq: Sequence, layer: int, logits: torch.Tensor, first_query: int, num_queries: int) -> None:
         """Record the attention of observed queries first_query.. (of `num_queries` this forward) over
@@ -49,7 +71,8 @@ class KVCompressor:
         if policy.accumulate and policy.decay != 1.0:
             queries_after = num_queries - first_query - 1 - torch.arange(logits.shape[2], device=logits.device)
             weights = weights * (policy.decay ** queries_after.float()).view(1, 1, -1, 1)
-        contribution = weights.sum(dim=(1, 2))  # GQA: the query heads sharing a KV head vote together
+        # GQA: the query heads sharing a KV head vote together, or the one that attends most speaks for them
+        contribution = weights.amax(dim=(1, 2)) if policy.keeps_maximum else weights.sum(dim=(1, 2))
         if seq.kv_attention is None:
             seq.kv_attention = [None] * self.block_manager.num_layers
         previous = seq.kv_attention[layer]
@@ -57,14 +80,20 @@ class KVCompressor:
             previous = previous * policy.decay**num_queries if policy.accumulate else None
         if previous is not None:
             width = max(previous.shape[-1], contribution.shape[-1])
-            contribution = _fit(previous, width) + _fit(contribution, width)
+            combine = torch.maximum if policy.keeps_maximum else torch.add
+            contribution = combine(_fit(previous, width), _fit(contribution, width))
         seq.kv_attention[layer] = contribution
 
     # ---- compression (called after the forward) --------------------------------------------
     def after_forward(self, seq: Sequence) -> None:
         """Compress `seq` when its policy is due: after a chunk of the compressed part of the prompt,
-        or after every `decode_interval` forwards beyond it."""
-        if seq.num_processed <= seq.compress_len:
+        or after every `decode_interval` forwards beyond it. A reconstructing policy repeats the context
+        first, once it is all in, and compresses then only."""
+        if self.policy.reconstructs:
+            if seq.num_processed == seq.compress_len:
+                self.reconstruct(seq, partial(self.record, seq))
+                self.compress(seq)
+        elif seq.num_processed <= seq.compress_len:
             self.compress(seq)
         elif self.config.decode_interval is not None:
             seq.forwards_since_compression += 1
@@ -96,12 +125,21 @@ class KVCompressor:
                 torch.stack([_fit(record, width) for record in seq.kv_attention])
             )
         view = EntryView(attention, positions, lengths.to(device), budgets.to(device))
+        if self.policy.reads_entries:
+            view.stored = partial(self._stored, blocks)
+        if self.policy.models_queries:
+            view.queries = seq.query_sums.moments(self.rotary, seq.num_processed, self.policy.future_positions)
         keep = keep_mask(self.policy.scores(view), view.lengths, view.budgets, self.config.allocation)
         source, destination = self.block_manager.compact(table, keep.cpu().numpy())
         self.pool.move(torch.from_numpy(source).to(device), torch.from_numpy(destination).to(device))
         if attention is not None:
             seq.kv_attention = list(self._compact_record(attention, keep).unbind(0))
         self.num_compressions += 1
+
+    def _stored(self, blocks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values [kv_heads, entries, dim] in `blocks` [layers, kv_heads, blocks] of `layer`, as float32."""
+        keys = self.pool.entry_major("keys")[blocks[layer]].flatten(1, 2)
+        return keys.float(), self.pool.values[blocks[layer]].flatten(1, 2).float()
 
     @staticmethod
     def _compact_record(attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

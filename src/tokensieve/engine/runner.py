@@ -7,15 +7,19 @@ import torch
 
 from ..models.llama import LlamaModel
 from .attention import DecodeGroup, PagedAttention, PrefillChunk
+from .block_manager import BlockManager
 from .kv_compression import KVCompressor
 from .kv_pool import KVPool
 from .scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool, kernels=None, compressor: KVCompressor | None = None):
+    def __init__(
+        self, model: LlamaModel, pool: KVPool, block_manager: BlockManager, kernels=None, compressor: KVCompressor | None = None
+    ):
         self.model = model
         self.pool = pool
+        self.block_manager = block_manager
         self.kernels = kernels
         self.compressor = compressor  # records attention for the KV policy when it asks
         self.device = pool.keys.device
@@ -55,24 +59,49 @@ class ModelRunner:
             if self._decodes(chunk) and observer is not None:
                 observers[decoding.index(chunk)] = observer  # a block's root: the query plain decoding makes
             if not self._decodes(chunk):
-                table = seq.block_table
-                prefills.append(PrefillChunk(
-                    start, start + n,
-                    block_tables=self._tensor(table.padded_blocks(int(table.num_blocks.max()))),
-                    lengths=self._tensor(table.lengths.copy()),
-                    query_positions=self._tensor(chunk_positions),
-                    is_first=is_first,
-                    observer=observer,
-                    observed_queries=self.compressor.policy.observed_queries if observer else None,
-                ))
+                query_positions = self._tensor(chunk_positions)
+                query_observer = self.compressor.query_observer(seq, query_positions) if self.compressor else None
+                prefills.append(self._prefill_chunk(seq, start, query_positions, is_first, observer, query_observer))
             start += n
         position_array = np.concatenate(positions)
         num_decode_rows = sum(c.num_tokens for c in decoding)
         decode = self._decode_group(decoding, position_array[:num_decode_rows], observers) if decoding else None
+        logits = self._forward(token_ids, position_array, np.concatenate(write_slots, axis=1), decode, prefills, logits_rows)
+        return logits, list(zip(chunks, row_ranges))
+
+    def run_discarded(self, seq, token_ids: list[int], observer) -> None:
+        """A forward of `token_ids` after everything `seq` has processed, attending to its stored entries and
+        observed by `observer`; their own entries are dropped afterwards (KVzip's repeat of the context)."""
+        n = len(token_ids)
+        table = seq.block_table
+        self.block_manager.reserve(table, n)
+        write_slots = table.append_slots(n)
+        positions = np.arange(seq.num_processed, seq.num_processed + n)
+        chunk = self._prefill_chunk(seq, 0, self._tensor(positions), False, observer, None)
+        try:
+            self._forward(token_ids, positions, write_slots, None, [chunk], [])
+        finally:
+            self.block_manager.keep_appended(table, n, np.empty(0, dtype=np.int64))
+
+    def _prefill_chunk(self, seq, start: int, query_positions: torch.Tensor, is_first: bool, observer, query_observer):
+        """The PrefillChunk of `seq`'s tokens at rows start.. of the batch, its entries already appended."""
+        table = seq.block_table
+        return PrefillChunk(
+            start, start + len(query_positions),
+            block_tables=self._tensor(table.padded_blocks(int(table.num_blocks.max()))),
+            lengths=self._tensor(table.lengths.copy()),
+            query_positions=query_positions,
+            is_first=is_first,
+            observer=observer,
+            observed_queries=self.compressor.policy.observed_queries if observer else None,
+            query_observer=query_observer,
+        )
+
+    def _forward(self, token_ids, positions: np.ndarray, write_slots: np.ndarray, decode, prefills, logits_rows):
         attention = PagedAttention(
             self.pool,
-            write_slots=self._tensor(np.concatenate(write_slots, axis=1)),
-            write_positions=self._tensor(position_array[:, None]),
+            write_slots=self._tensor(write_slots),
+            write_positions=self._tensor(positions[:, None]),
             decode=decode,
             prefills=prefills,
             sliding_window=self.model.config.sliding_window,
@@ -80,13 +109,12 @@ class ModelRunner:
             kernels=self.kernels,
             dtype=self.model.norm.weight.dtype,
         )
-        logits = self.model(
+        return self.model(
             torch.tensor(token_ids, device=self.device),
-            self._tensor(position_array),
+            self._tensor(positions),
             attention,
             torch.tensor(logits_rows, device=self.device, dtype=torch.long),
         )
-        return logits, list(zip(chunks, row_ranges))
 
     @staticmethod
     def _decodes(chunk: ScheduledChunk) -> bool:

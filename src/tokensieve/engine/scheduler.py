@@ -130,7 +130,7 @@ class Scheduler:
         self.block_manager.release(victim.block_table)
         victim.num_processed = 0
         victim.prompt_logits.clear()
-        victim.kv_attention = None
+        victim.kv_attention = victim.query_sums = None
         victim.num_preemptions += 1
         self.num_preemptions += 1
         victim.status = SequenceStatus.WAITING

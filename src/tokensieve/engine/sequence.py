@@ -34,6 +34,7 @@ class Sequence:
     num_preemptions: int = 0
     compress_len: int | None = None  # leading prompt tokens the KV policy compresses while prefilling (None: no policy)
     kv_attention: list[Any] | None = None  # per layer: attention each stored entry received, if the policy asks
+    query_sums: Any = None  # QuerySums of the compressed prompt's queries, if the policy models queries
     forwards_since_compression: int = 0
     speculates: bool = False
     draft: Any = None  # the VerificationBlock of the next forward, when speculating

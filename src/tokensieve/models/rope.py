@@ -57,6 +57,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels=
     (by the native kernel when given one: the same arithmetic in one call)."""
     if kernels_take(kernels, x):
         return kernels.rotary(x, cos, sin)
+    return x * cos + rotate_half(x) * sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Each pair (i, i + dim/2) of the last dim turned a quarter: (a, b) -> (-b, a)."""
     half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated_half * sin
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)

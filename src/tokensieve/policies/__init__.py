@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .accumulated import A2SF, H2O, Keyformer
-from .base import EntryView, KVPolicy
+from .base import EntryView, KVPolicy, QueryMoments
 from .budget import ALLOCATIONS, keep_mask, layer_budgets, ratio_budget
+from .entries import ExpectedAttention, KeyDiff
+from .kvzip import KVzip
 from .observation import TOVA, SnapKV
 from .position import FullCache, RandomEviction, StreamingLLM
 
 POLICIES: dict[str, type[KVPolicy]] = {
-    cls.name: cls for cls in (FullCache, RandomEviction, StreamingLLM, H2O, A2SF, Keyformer, SnapKV, TOVA)
+    cls.name: cls for cls in (
+        FullCache, RandomEviction, StreamingLLM, H2O, A2SF, Keyformer, SnapKV, TOVA, KeyDiff, ExpectedAttention, KVzip,
+    )
 }
 
 
@@ -25,5 +29,5 @@ def make_policy(name: str, options: dict | None = None, seed: int = 0) -> KVPoli
 
 
 __all__ = [
-    "ALLOCATIONS", "POLICIES", "EntryView", "KVPolicy", "keep_mask", "layer_budgets", "make_policy", "ratio_budget",
+    "ALLOCATIONS", "POLICIES", "EntryView", "KVPolicy", "QueryMoments", "keep_mask", "layer_budgets", "make_policy", "ratio_budget",
 ]
