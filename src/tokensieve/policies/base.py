@@ -59,7 +59,9 @@ class KVPolicy:
     accumulate: ClassVar[bool] = False  # add each forward's attention to the record instead of replacing it
     keeps_maximum: ClassVar[bool] = False  # record the most attention an entry got from one query head and query
     reads_entries: ClassVar[bool] = False  # scores read the stored keys and values (EntryView.stored)
-    models_queries: ClassVar[bool] = False  # scores read the prompt's query moments (EntryView.queries)
+    # scores read the prompt's query moments (EntryView.queries); such a policy also sets `sinks` (positions
+    # whose queries are left out) and `future_positions` (how far ahead RoPE's rotation is averaged)
+    models_queries: ClassVar[bool] = False
     reconstructs: ClassVar[bool] = False  # attention is observed only while the context is repeated (KVzip)
     decay: float = 1.0  # with accumulate: the record is multiplied by this once per query
 
