@@ -131,3 +131,19 @@ def test_decode_interval_keeps_a_generating_sequence_near_its_budget(llm):
     assert engine.compressor.num_compressions >= 40 // interval
     engine.release(request_id)
     assert_pool_empty(policy_llm)
+
+
+def test_global_budgets_may_leave_a_whole_layer_empty_and_the_engine_serves_on(llm):
+    config = KVPolicyConfig("keydiff", budget=2, allocation="global")
+    policy_llm = llm.with_options(kv_policy=config, kv_cache_bytes=256 * 1024**2, prefill_chunk_size=64)
+    engine = policy_llm.engine
+    request_id = engine.add_request(llm.encode(ARTICLE * 4), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    seq = engine.sequence(request_id)
+    emptied = False
+    while engine.has_unfinished():
+        engine.step()
+        if seq.block_table is not None:  # later chunks of an emptied layer attend to themselves only
+            emptied |= bool((seq.block_table.lengths.max(axis=1) == 0).any())
+    assert emptied and len(seq.token_ids) == seq.num_prompt_tokens + 6
+    engine.release(request_id)
+    assert_pool_empty(policy_llm)

@@ -24,7 +24,7 @@ def reference(q, stored_keys, stored_values, stored_positions, k, v, positions):
     return out
 
 
-@pytest.mark.parametrize("stored_lengths", [(6, 6), (3, 9), (0, 5)])
+@pytest.mark.parametrize("stored_lengths", [(6, 6), (3, 9), (0, 5), (0, 0)])
 def test_a_later_chunk_attends_to_the_stored_entries_and_causally_to_its_own(stored_lengths):
     torch.manual_seed(0)
     num_kv_heads, chunk_tokens, first_position = len(stored_lengths), 7, 20

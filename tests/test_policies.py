@@ -41,6 +41,13 @@ def test_adaptive_budget_moves_entries_to_the_head_that_needs_them():
     assert kept_indices(mask) == [[[0, 1], [0, 1, 2, 3]]]
 
 
+def test_global_budget_ranks_every_layer_and_head_together():
+    scores = torch.tensor([[[0.9, 0.8, 0.1], [0.5, 0.0, 0.0]], [[0.7, 0.2, 0.3], [0.6, 0.95, 0.0]]])
+    lengths = torch.tensor([[3, 1], [3, 2]])  # padding never counts, whatever its score
+    mask = keep_mask(scores, lengths, torch.tensor([[1, 1], [1, 1]]), "global")
+    assert kept_indices(mask) == [[[0, 1], []], [[0], [1]]]  # the top 4 of all; one head keeps nothing
+
+
 def test_pyramid_budgets_shrink_with_depth_and_keep_the_mean():
     budgets = layer_budgets(100, num_layers=5, num_kv_heads=3, allocation="pyramid")
     per_layer = budgets[:, 0].tolist()

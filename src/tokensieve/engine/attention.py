@@ -267,9 +267,11 @@ class PagedAttention:
         own_keys, own_values = self._per_query_head(grouped_q, k.transpose(0, 1), v.transpose(0, 1))
         if chunk.is_first:
             return F.scaled_dot_product_attention(grouped_q, own_keys, own_values, is_causal=True)
-        own, own_lse = _attention_with_lse(grouped_q, own_keys, own_values, is_causal=True)
         stored_lengths = chunk.lengths[layer] - grouped_q.shape[2]  # the chunk's entries are the last of each head
         most = int(stored_lengths.max())
+        if most == 0:  # a policy left this layer nothing (global budgets): the chunk sees only itself
+            return F.scaled_dot_product_attention(grouped_q, own_keys, own_values, is_causal=True)
+        own, own_lse = _attention_with_lse(grouped_q, own_keys, own_values, is_causal=True)
         blocks = chunk.block_tables[layer][:, : -(-most // self.pool.block_size)]
         keys, values = self._gather(blocks)
         keys, values = keys[:, :most], values[:, :most]

@@ -1,4 +1,4 @@
-"""How many entries each (layer, KV head) keeps, and which ones: uniform, pyramid or adaptive budgets."""
+"""How many entries each (layer, KV head) keeps, and which ones: uniform, pyramid, adaptive or global budgets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-ALLOCATIONS = ("uniform", "pyramid", "adaptive")
+ALLOCATIONS = ("uniform", "pyramid", "adaptive", "global")
 PYRAMID_SLOPE = 0.5  # the first layer keeps 1.5x the mean budget, the last 0.5x
 ADAPTIVE_FLOOR = 0.2  # AdaKV's safeguard: each head keeps at least this share of its layer's mean budget
 
@@ -34,11 +34,14 @@ def keep_mask(scores: torch.Tensor, lengths: torch.Tensor, budgets: torch.Tensor
 
     uniform / pyramid: the top `budgets[l, h]` scores of each head. adaptive (AdaKV): each layer keeps
     `budgets[l].sum()` entries chosen across its heads by score, after every head has kept
-    ADAPTIVE_FLOOR of its own budget, so heads whose attention is spread out keep more.
+    ADAPTIVE_FLOOR of its own budget, so heads whose attention is spread out keep more. global (KVzip's
+    choice): `budgets.sum()` entries chosen across every layer and head by score, with no floor.
     """
     width = scores.shape[-1]
     stored = torch.arange(width, device=scores.device) < lengths.unsqueeze(-1)
     scores = scores.float().masked_fill(~stored, float("-inf"))
+    if allocation == "global":
+        return (_rank(scores.flatten()).view_as(scores) < budgets.sum()) & stored
     head_rank = _rank(scores)
     if allocation != "adaptive":
         return (head_rank < budgets.unsqueeze(-1)) & stored
