@@ -1,6 +1,6 @@
 """tokensieve: a lean inference engine for Llama-family LLMs with per-head paged KV storage."""
 
-from .config import EngineConfig, KVPolicyConfig, SpeculativeConfig
+from .config import EngineConfig, KVPolicyConfig, KVSelectionConfig, SpeculativeConfig
 from .errors import ModelLoadError, RequestError, TokensieveError
 from .llm import LLM
 from .outputs import RequestOutput
@@ -10,6 +10,7 @@ __all__ = [
     "LLM",
     "EngineConfig",
     "KVPolicyConfig",
+    "KVSelectionConfig",
     "SpeculativeConfig",
     "SamplingParams",
     "RequestOutput",

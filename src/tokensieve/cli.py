@@ -43,6 +43,8 @@ def _add_kv_policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-keep-ratio", type=float, default=None, help="or: share of the processed tokens kept")
     parser.add_argument("--kv-allocation", default="uniform", choices=ALLOCATIONS)
     parser.add_argument("--kv-decode-interval", type=int, default=None, help="also compress every N decode steps")
+    parser.add_argument("--kv-select-ratio", type=float, default=None,
+                        help="block selection (Quest): decoding attends to this share of the entries, all kept")
 
 
 def _add_speculative_options(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +74,12 @@ def _kv_policy(args):
     )
 
 
+def _kv_selection(args):
+    from .config import KVSelectionConfig
+
+    return None if args.kv_select_ratio is None else KVSelectionConfig(ratio=args.kv_select_ratio)
+
+
 def _sampling_params(args):
     from .sampling_params import SamplingParams
 
@@ -89,7 +97,8 @@ def _load(args, **engine_options):
     if args.threads:
         torch.set_num_threads(args.threads)
     return LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_dtype=args.kv_dtype,
-               kv_policy=_kv_policy(args), speculative=_speculative(args), **engine_options)
+               kv_policy=_kv_policy(args), kv_selection=_kv_selection(args), speculative=_speculative(args),
+               **engine_options)
 
 
 def _stream(llm, prompt, params, show_stats: bool) -> str:

@@ -57,6 +57,37 @@ class KVPolicyConfig:
         return f"{self.name}@{size}" + ("" if self.allocation == "uniform" else f"/{self.allocation}")
 
 
+@dataclass
+class KVSelectionConfig:
+    """Selection instead of eviction (Quest): every entry stays, and each decoding query attends only to
+    the blocks of each (layer, KV head) whose key bounds promise the highest scores, `budget` entries
+    (rounded up to whole blocks) or `ratio` of what the head holds; the first `dense_layers` layers attend
+    to everything (as Quest does)."""
+
+    budget: int | None = None
+    ratio: float | None = None
+    dense_layers: int = 2
+
+    def __post_init__(self):
+        if (self.budget is None) == (self.ratio is None):
+            raise ConfigError("KV selection needs exactly one of budget (entries) or ratio")
+        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
+            raise ConfigError(f"selection budget must be a positive integer, got {self.budget!r}")
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ConfigError(f"selection ratio must be in (0, 1], got {self.ratio!r}")
+        if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
+            raise ConfigError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+
+    def budget_blocks(self, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Blocks each (sequence, KV head) of `lengths` entries attends to."""
+        entries = torch.full_like(lengths, self.budget) if self.budget is not None else (lengths * self.ratio).ceil().long()
+        return (entries + block_size - 1) // block_size
+
+    @property
+    def label(self) -> str:
+        return f"quest@{self.budget}" if self.budget is not None else f"quest@{self.ratio:g}x"
+
+
 DRAFTERS = ("lookup", "recycling", "lookahead")
 # The Jacobi lookahead pool is opt-in: on Spec-Bench with SmolLM2-135M on a 2-core CPU it drafted
 # nothing the other two did not, and decoding was about 3% faster without it (1.57x against 1.53x
@@ -124,6 +155,7 @@ class EngineConfig:
     # the bytes that decoding reads at long context, as llama.cpp's cache), else the model's dtype
     kv_dtype: str = "auto"
     kv_policy: KVPolicyConfig | None = None  # KV-cache eviction (None: keep everything)
+    kv_selection: KVSelectionConfig | None = None  # decoding attends to selected blocks only (None: to all)
     speculative: SpeculativeConfig | None = None  # speculative decoding for every request (None: only
     # for requests whose SamplingParams ask for it, with the default settings)
     prefix_caching: bool = True  # full blocks of computed tokens are kept and shared by key (prefix_cache.py)
@@ -154,6 +186,8 @@ class EngineConfig:
             raise ConfigError(f"scheduling must be one of {', '.join(SCHEDULING)}, got {self.scheduling!r}")
         if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicyConfig):
             raise ConfigError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
+        if self.kv_selection is not None and not isinstance(self.kv_selection, KVSelectionConfig):
+            raise ConfigError(f"kv_selection must be a KVSelectionConfig, got {type(self.kv_selection).__name__}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
 

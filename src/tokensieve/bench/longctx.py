@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import DTYPES, KVPolicyConfig
+from ..config import DTYPES, KVPolicyConfig, KVSelectionConfig
 from .longctx_report import summarize
 from .longctx_systems import OursSystem, TransformersSystem, score
 from .longctx_tasks import CaseMaker
@@ -45,6 +45,8 @@ def _kvpress_available() -> bool:
 
 def build_systems(args, llm, hf_model):
     systems = [OursSystem(llm, KVPolicyConfig("full"), args.query_aware)]
+    for ratio in args.selections:
+        systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, KVSelectionConfig(ratio=ratio)))
     for name in args.policies:
         for ratio in args.keep_ratios:
             config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation)

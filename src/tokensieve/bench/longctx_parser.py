@@ -13,9 +13,11 @@ def add_longctx_parser(bench_sub, add_model_options) -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="prompt tokens")
     parser.add_argument("--cases", type=int, default=30, help="cases per task and length")
-    parser.add_argument("--policies", nargs="+", default=[p for p in POLICIES if p != "full"], choices=list(POLICIES))
+    parser.add_argument("--policies", nargs="*", default=[p for p in POLICIES if p != "full"], choices=list(POLICIES))
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.5], help="share of the context kept")
     parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    parser.add_argument("--selections", type=float, nargs="*", default=[0.125],
+                        help="block selection (Quest) over the full cache, attending this share of the entries")
     parser.add_argument("--presses", nargs="*", default=list(KVPRESS_CLASSES), choices=list(KVPRESS_CLASSES),
                         help="kvpress presses to run beside ours (when kvpress is installed)")
     parser.add_argument("--query-aware", action="store_true",

@@ -2,7 +2,7 @@
 (compressed by the system's KV method), then the question, then greedy decoding; or, for
 perplexity, score the continuation after the compressed context.
 
-- ours: the tokensieve engine with a KV policy;
+- ours: the tokensieve engine with a KV policy, or with block selection over the full cache;
 - transformers: the same weights with a full DynamicCache (the baseline);
 - kvpress: transformers plus one of kvpress's presses, applied while the context is prefilled.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import KVPolicyConfig
+from ..config import KVPolicyConfig, KVSelectionConfig
 from ..sampling_params import SamplingParams
 from .longctx_tasks import Case
 
@@ -57,9 +57,9 @@ def _perplexity(logits: torch.Tensor, targets: list[int]) -> float:
 class OursSystem:
     system = "tokensieve"
 
-    def __init__(self, llm, policy: KVPolicyConfig, query_aware: bool):
-        self.llm = llm.with_options(kv_policy=policy)
-        self.label = policy.label
+    def __init__(self, llm, policy: KVPolicyConfig, query_aware: bool, selection: KVSelectionConfig | None = None):
+        self.llm = llm.with_options(kv_policy=policy, kv_selection=selection)
+        self.label = policy.label if selection is None else selection.label
         self.query_aware = query_aware
 
     def answer(self, case: Case) -> Answer:

@@ -13,6 +13,10 @@ sees its ancestors, not its siblings).
 
 A KV policy that needs attention gets it through an observer: after attending, the scaled q.k
 logits of the observed queries over the sequence's stored entries are handed to it, per layer.
+
+With block selection (Quest), a decoding query attends only to the blocks of each (layer, KV head)
+that block_selection.py picks; rows verifying a draft tree, and sequences whose attention a policy
+observes, attend to everything.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..config import KVSelectionConfig
+from .block_selection import block_bounds, select_blocks
 from .kv_pool import KVPool
 
 
@@ -96,6 +102,7 @@ class PagedAttention:
         scratch: dict[str, torch.Tensor] | None = None,
         kernels=None,
         dtype: torch.dtype = torch.float32,
+        selection: KVSelectionConfig | None = None,
     ):
         self.pool = pool
         self.dtype = dtype  # the model's: what queries are, and what gathered keys and values become
@@ -108,8 +115,14 @@ class PagedAttention:
         self.kernels = kernels if sliding_window is None else None
         # positions are the same in every layer: store them for all layers at once
         pool.positions.view(-1)[write_slots] = write_positions.expand_as(write_slots)
+        # selection applies to plain decoding rows that no policy observes, with no sliding window
+        selects = decode is not None and decode.slot_of_row is None and not decode.observers and sliding_window is None
+        self.selection = selection if selects else None
+        if self.selection is not None:  # blocks each (layer, sequence, KV head) attends to, for all layers at once
+            self._budget_blocks = self.selection.budget_blocks(decode.lengths, pool.block_size)
+        self.selected_lengths: list[torch.Tensor] = []  # the entries decoding attended to, per selected layer
         self._shared_decode_mask = None
-        if decode is not None and decode.layers_aligned and self.kernels is None:
+        if decode is not None and decode.layers_aligned and self.kernels is None and self.selection is None:
             self._shared_decode_mask = self._decode_mask(0)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -197,14 +210,36 @@ class PagedAttention:
         per_slot = out.view(seqs, num_kv_heads, group.row_of_slot.shape[1], -1, head_dim).transpose(1, 2)
         return per_slot.reshape(-1, per_slot.shape[2] * per_slot.shape[3], head_dim)[group.slot_of_row]
 
+    def _decode_blocks(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block tables and lengths [seqs, kv_heads, ...] the decoding rows attend through in `layer`."""
+        tables, lengths = self.decode.block_tables[layer], self.decode.lengths[layer]
+        if self.selection is None or layer < self.selection.dense_layers:
+            return tables, lengths
+        pool = self.pool
+        budget = self._budget_blocks[layer]
+        if self.kernels is not None:
+            selected, selected_lengths = self.kernels.select_blocks(
+                q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size
+            )
+        else:
+            grouped_q = q.view(tables.shape[0], tables.shape[1], -1, q.shape[-1])
+            bounds = block_bounds(grouped_q, pool.key_min[tables], pool.key_max[tables])
+            selected, selected_lengths = select_blocks(bounds, tables, lengths, budget, pool.block_size)
+        self.selected_lengths.append(selected_lengths)
+        return selected, selected_lengths
+
     def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
             return self._attend_decode_in_place(layer, q)
         group = self.decode
         head_dim = q.shape[-1]
-        keys, values = self._gather(group.block_tables[layer])  # [seqs, kv_heads, entries, dim]
+        tables, lengths = self._decode_blocks(layer, q)
+        keys, values = self._gather(tables)  # [seqs, kv_heads, entries, dim]
         seqs, num_kv_heads, slots = keys.shape[0], keys.shape[1], group.row_of_slot.shape[1]
-        mask = self._shared_decode_mask if self._shared_decode_mask is not None else self._decode_mask(layer)
+        if self.selection is not None:
+            mask = (torch.arange(keys.shape[2], device=keys.device) < lengths.unsqueeze(-1)).unsqueeze(-2)
+        else:
+            mask = self._shared_decode_mask if self._shared_decode_mask is not None else self._decode_mask(layer)
         if slots > 1:  # each slot's mask serves its query heads
             mask = mask.unsqueeze(3).expand(-1, -1, -1, q.shape[1] // num_kv_heads, -1).reshape(seqs, num_kv_heads, -1, mask.shape[-1])
         grouped_q = self._grouped_queries(q, num_kv_heads)
@@ -219,7 +254,7 @@ class PagedAttention:
         """The kernels read each slot's queries from its row of q and write its output there."""
         group = self.decode
         head_dim = q.shape[-1]
-        tables, lengths = group.block_tables[layer], group.lengths[layer]
+        tables, lengths = self._decode_blocks(layer, q)
         block_rows = group.block_rows if group.block_rows is not None else NO_BLOCKS
         visibility = group.block_visibility if group.block_visibility is not None else NO_BLOCKS
         scores = self.kernels.paged_scores(q, self.pool.keys, tables, lengths, head_dim**-0.5, group.row_of_slot, visibility, block_rows)

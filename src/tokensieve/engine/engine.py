@@ -60,7 +60,8 @@ class LLMEngine:
             torch.float16 if self.activations == "int8" else config.torch_dtype
         )
         num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, self.kv_dtype)
-        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, self.kv_dtype, self.device, self.kernels)
+        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, self.kv_dtype, self.device, self.kernels,
+                           key_bounds=config.kv_selection is not None)
         policy = config.kv_policy
         evicts = policy is not None and policy.evicts
         if evicts and config.prefix_caching:
@@ -74,7 +75,7 @@ class LLMEngine:
             make_fairness(config.scheduling),
         )
         self.compressor = KVCompressor(policy, self.pool, self.block_manager, self.model.rotary) if evicts else None
-        self.runner = ModelRunner(self.model, self.pool, self.block_manager, self.kernels, self.compressor)
+        self.runner = ModelRunner(self.model, self.pool, self.block_manager, self.kernels, self.compressor, config.kv_selection)
         if self.compressor is not None and self.compressor.policy.reconstructs:
             self.compressor.reconstruct = ContextRepeat(self.compressor.policy, self.runner, self.block_manager, self.tokenizer)
         self.eos_token_ids = set(model_cfg.eos_token_ids)
@@ -356,5 +357,7 @@ class LLMEngine:
             "prefix_cache_hits": cache.num_hit_tokens if cache else 0,
             "prompt_tokens": scheduler.num_prompt_tokens,
             "preemptions": scheduler.num_preemptions,
+            "selected_decode_entries": self.runner.attended_entries,
+            "stored_decode_entries": self.runner.stored_entries,
             **self.counts,
         }

@@ -1,4 +1,5 @@
-"""The tensors behind the KV blocks: keys, values and the position each entry was computed at."""
+"""The tensors behind the KV blocks: keys, values, the position each entry was computed at, and, for
+block selection, each block's per-dimension key bounds."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class KVPool:
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device, kernels=None
+        self, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, device: torch.device, kernels=None,
+        key_bounds: bool = False,
     ):
         self.num_blocks, self.block_size, self.head_dim, self.dtype = num_blocks, block_size, head_dim, dtype
         self.keys = _lazy_zeros((num_blocks, head_dim, block_size), dtype, device)
@@ -33,6 +35,9 @@ class KVPool:
         self.kernels = kernels if native else None  # store_kv, and the decode kernels read the pool in place
         self.values = _lazy_zeros((num_blocks, block_size, head_dim), dtype, device)
         self.positions = _lazy_zeros((num_blocks, block_size), torch.int64, device)
+        # Quest's page summary: the per-dimension min and max of each block's keys (block_selection.py)
+        self.key_min = _lazy_zeros((num_blocks, head_dim), dtype, device) if key_bounds else None
+        self.key_max = _lazy_zeros((num_blocks, head_dim), dtype, device) if key_bounds else None
 
     def entry_major(self, name: str) -> torch.Tensor:
         """keys or values as [blocks, block_size, dim] (the keys as a strided view)."""
@@ -40,17 +45,38 @@ class KVPool:
 
     def store(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys and values [tokens, kv_heads, dim] at flat slots [tokens, kv_heads]."""
-        if self.kernels is not None:
-            return self.kernels.store_kv(self.keys, self.values, slots.reshape(-1), keys, values)
         slots = slots.reshape(-1)
+        if self.key_min is not None:
+            self._bound_new_keys(slots, keys)
+        if self.kernels is not None:
+            return self.kernels.store_kv(self.keys, self.values, slots, keys, values)
         keys, values = (t.reshape(-1, self.head_dim).to(self.dtype) for t in (keys, values))
         self.keys[slots // self.block_size, :, slots % self.block_size] = keys
         self.values.view(-1, self.head_dim)[slots] = values
 
+    def _bound_new_keys(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Key bounds that cover the keys [tokens, kv_heads, dim] being written; a block whose first entry
+        is written starts over (its earlier keys belonged to an owner that freed it)."""
+        if self.kernels is not None:
+            return self.kernels.widen_key_bounds(self.key_min, self.key_max, slots, keys, self.block_size)
+        first_entries = slots[slots % self.block_size == 0]
+        self.key_min[first_entries // self.block_size] = float("inf")
+        self.key_max[first_entries // self.block_size] = float("-inf")
+        self._widen_bounds(slots, keys.reshape(-1, self.head_dim).to(self.dtype))
+
+    def _widen_bounds(self, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Widen the key bounds of the blocks holding `slots` to cover `keys` [len(slots), dim]."""
+        blocks = (slots // self.block_size).unsqueeze(-1).expand_as(keys)
+        self.key_min.scatter_reduce_(0, blocks, keys, "amin")
+        self.key_max.scatter_reduce_(0, blocks, keys, "amax")
+
     def move(self, source: torch.Tensor, destination: torch.Tensor) -> None:
         """Copy the entries at flat slots `source` to `destination` (keys, values and positions)."""
         size = self.block_size
-        self.keys[destination // size, :, destination % size] = self.keys[source // size, :, source % size]
+        moved_keys = self.keys[source // size, :, source % size]
+        self.keys[destination // size, :, destination % size] = moved_keys
+        if self.key_min is not None:  # the bounds stay bounds (perhaps loose: what left a block still counts)
+            self._widen_bounds(destination, moved_keys)
         for storage in (self.values, self.positions):
             flat = storage.view(self.num_blocks * size, -1)
             flat[destination] = flat[source]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import KVSelectionConfig
 from ..models.llama import LlamaModel
 from .attention import DecodeGroup, PagedAttention, PrefillChunk
 from .block_manager import BlockManager
@@ -15,11 +16,15 @@ from .scheduler import ScheduledChunk
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaModel, pool: KVPool, block_manager: BlockManager, kernels=None, compressor: KVCompressor | None = None
+        self, model: LlamaModel, pool: KVPool, block_manager: BlockManager, kernels=None,
+        compressor: KVCompressor | None = None, selection: KVSelectionConfig | None = None,
     ):
         self.model = model
         self.pool = pool
         self.block_manager = block_manager
+        self.selection = selection  # decoding attends to selected blocks only
+        # over every decode forward with selection: entries attended and entries held, in the selected layers
+        self.attended_entries = self.stored_entries = 0
         self.kernels = kernels
         self.compressor = compressor  # records attention for the KV policy when it asks
         self.device = pool.keys.device
@@ -108,13 +113,18 @@ class ModelRunner:
             scratch=self.scratch,
             kernels=self.kernels,
             dtype=self.model.norm.weight.dtype,
+            selection=self.selection,
         )
-        return self.model(
+        logits = self.model(
             torch.tensor(token_ids, device=self.device),
             self._tensor(positions),
             attention,
             torch.tensor(logits_rows, device=self.device, dtype=torch.long),
         )
+        if attention.selected_lengths:
+            self.attended_entries += int(torch.stack(attention.selected_lengths).sum())
+            self.stored_entries += int(decode.lengths[self.selection.dense_layers :].sum())
+        return logits
 
     @staticmethod
     def _decodes(chunk: ScheduledChunk) -> bool:

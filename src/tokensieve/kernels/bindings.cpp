@@ -9,5 +9,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin for x [tokens, heads, dim]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [rows, 2 * intermediate] (gate first)");
   m.def("store_kv", &store_kv, "write keys and values [tokens, kv_heads, dim] to their flat slots in the block pools");
+  m.def("widen_key_bounds", &widen_key_bounds, "widen each written block's per-dimension key min and max to its new keys");
+  m.def("select_blocks", &select_blocks, "Quest: the blocks of each (sequence, KV head) a decoding query attends to");
   m.def("top_tokens", &top_tokens, "the k largest logits of each row as token ids, best first, ties to the lower id");
 }

@@ -22,5 +22,10 @@ torch::Tensor top_tokens(torch::Tensor logits, int64_t k);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor silu_mul(torch::Tensor gate_up);
+void widen_key_bounds(torch::Tensor key_min, torch::Tensor key_max, torch::Tensor slots, torch::Tensor keys,
+                      int64_t block_size);
+std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min, torch::Tensor key_max,
+                                         torch::Tensor block_tables, torch::Tensor lengths, torch::Tensor budget_blocks,
+                                         int64_t block_size);
 void store_kv(torch::Tensor key_pool, torch::Tensor value_pool, torch::Tensor slots, torch::Tensor keys,
               torch::Tensor values);

@@ -1,0 +1,46 @@
+"""Selection instead of eviction (Quest): every entry stays, but a decoding query attends only to the
+blocks of its (layer, KV head) whose keys could score highest.
+
+Each block keeps the per-dimension minimum and maximum of its keys. A query q bounds what any key of a
+block can score by sum_d max(q_d * min_d, q_d * max_d); the query heads sharing a KV head take the
+largest of their bounds. The blocks with the highest bounds are attended; the last block (the newest
+entries, the only one not full) and the first (the attention sinks) always are, in that order of
+priority. A head with no more blocks than its budget attends to all of them, so a budget covering every
+block is exactly full attention. The native kernels (kernels/block_selection.cpp) do the same in one
+call per layer; this is the rule in PyTorch, for devices without them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
+    """Upper bounds [seqs, kv_heads, blocks] of q . k over each block's keys; q [seqs, kv_heads, group, dim],
+    key_min and key_max [seqs, kv_heads, blocks, dim]."""
+    q = q.float().unsqueeze(3)  # [seqs, kv_heads, group, 1, dim]
+    low, high = key_min.float().unsqueeze(2), key_max.float().unsqueeze(2)
+    return torch.maximum(q * low, q * high).sum(-1).amax(2)
+
+
+def select_blocks(
+    bounds: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, budget_blocks: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block tables and lengths a decoding query attends through: the top `budget_blocks[s, h]` blocks by
+    bound (first and last always), in their original order. bounds, tables [seqs, kv_heads, blocks]; lengths
+    and budget_blocks [seqs, kv_heads]. Entries past a head's new length in its new table are never read."""
+    width = tables.shape[-1]
+    index = torch.arange(width, device=tables.device)
+    num_blocks = (lengths + block_size - 1) // block_size
+    scores = bounds.masked_fill(index >= num_blocks.unsqueeze(-1), float("-inf"))
+    scores = scores.masked_fill(index == 0, torch.finfo(scores.dtype).max)
+    scores = scores.masked_fill(index == num_blocks.unsqueeze(-1) - 1, float("inf"))
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, index.expand_as(order))
+    budget = torch.minimum(budget_blocks, num_blocks).clamp(min=1)
+    chosen = rank < budget.unsqueeze(-1)
+    first_chosen = torch.argsort((~chosen).to(torch.uint8), dim=-1, stable=True)[..., : int(budget.max())]
+    selected = torch.gather(tables, -1, first_chosen)
+    last_entries = lengths - (num_blocks - 1) * block_size
+    new_lengths = torch.where(budget >= num_blocks, lengths, (budget - 1) * block_size + last_entries)
+    return selected, new_lengths
