@@ -121,4 +121,6 @@ def test_a_small_budget_reads_a_fraction_of_the_entries_and_frees_everything(llm
     stats = selecting.engine.stats()
     share = stats["selected_decode_entries"] / stats["stored_decode_entries"]
     assert 0.11 <= share < 0.2  # an eighth in whole blocks (the last one partly filled)
+    pool = selecting.engine.pool  # the bounds are allocated memory too, and reported as such
+    assert pool.bytes_per_block == llm.engine.pool.bytes_per_block + 2 * pool.head_dim * pool.keys.element_size()
     assert_pool_empty(selecting)

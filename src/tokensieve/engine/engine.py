@@ -59,9 +59,10 @@ class LLMEngine:
         self.kv_dtype = DTYPES[config.kv_dtype] if config.kv_dtype != "auto" else (
             torch.float16 if self.activations == "int8" else config.torch_dtype
         )
-        num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, self.kv_dtype)
+        selects = config.kv_selection is not None
+        num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, self.kv_dtype, selects)
         self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, self.kv_dtype, self.device, self.kernels,
-                           key_bounds=config.kv_selection is not None)
+                           key_bounds=selects)
         policy = config.kv_policy
         evicts = policy is not None and policy.evicts
         if evicts and config.prefix_caching:

@@ -88,13 +88,15 @@ class KVPool:
 
     @property
     def bytes_per_block(self) -> int:
-        return self.block_size * self.bytes_per_entry
+        """Its entries' keys and values, and its key bounds when the pool keeps them."""
+        bounds = 0 if self.key_min is None else 2 * self.head_dim * self.keys.element_size()
+        return self.block_size * self.bytes_per_entry + bounds
 
     @property
     def bytes_capacity(self) -> int:
         return self.num_blocks * self.bytes_per_block
 
     @staticmethod
-    def blocks_for_bytes(budget_bytes: int, block_size: int, head_dim: int, dtype: torch.dtype) -> int:
-        entry = 2 * head_dim * torch.empty((), dtype=dtype).element_size()
-        return max(1, budget_bytes // (block_size * entry))
+    def blocks_for_bytes(budget_bytes: int, block_size: int, head_dim: int, dtype: torch.dtype, key_bounds: bool = False) -> int:
+        item = torch.empty((), dtype=dtype).element_size()
+        return max(1, budget_bytes // ((block_size + key_bounds) * 2 * head_dim * item))
