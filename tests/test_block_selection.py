@@ -7,6 +7,7 @@ import torch
 
 from conftest import assert_pool_empty
 from tokensieve import KVSelectionConfig, SamplingParams
+from tokensieve.engine.attention import PagedAttention
 from tokensieve.engine.block_selection import block_bounds, select_blocks
 from tokensieve.engine.kv_pool import KVPool
 from tokensieve.errors import ConfigError
@@ -36,15 +37,16 @@ def test_selection_keeps_the_best_blocks_and_the_first_and_last_in_order():
     tables = torch.tensor([[[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 0, 0]]])  # head 1 holds 4 blocks
     lengths = torch.tensor([[22, 14]])  # the last block of head 0 holds 2 entries, of head 1 2
     bounds = torch.tensor([[[0.0, 5, 1, 9, 2, 0], [0, 0, 7, 3, 99, 99]]])
-    selected, new_lengths = select_blocks(bounds, tables, lengths, torch.tensor([[3, 3]]), BLOCK)
+    selected, new_lengths, places = select_blocks(bounds, tables, lengths, torch.tensor([[3, 3]]), BLOCK)
     assert selected[0, 0].tolist() == [10, 13, 15]  # first, the best (9), last
+    assert places[0].tolist() == [[0, 3, 5], [0, 2, 3]]
     assert selected[0, 1].tolist() == [20, 22, 23]  # padding blocks never count, whatever their bound
     assert new_lengths.tolist() == [[2 * BLOCK + 2, 2 * BLOCK + 2]]
     # a budget of one block is the newest: the query's own entry is there
-    selected, new_lengths = select_blocks(bounds, tables, lengths, torch.tensor([[1, 1]]), BLOCK)
+    selected, new_lengths, _ = select_blocks(bounds, tables, lengths, torch.tensor([[1, 1]]), BLOCK)
     assert selected[0, :, 0].tolist() == [15, 23] and new_lengths.tolist() == [[2, 2]]
     # a budget covering every block attends to the whole head, as full attention does
-    selected, new_lengths = select_blocks(bounds, tables, lengths, torch.tensor([[6, 9]]), BLOCK)
+    selected, new_lengths, _ = select_blocks(bounds, tables, lengths, torch.tensor([[6, 9]]), BLOCK)
     assert selected[0, 0].tolist() == tables[0, 0].tolist() and selected[0, 1, :4].tolist() == [20, 21, 22, 23]
     assert new_lengths.tolist() == lengths.tolist()
 
@@ -84,14 +86,15 @@ def test_the_kernels_bound_and_select_as_the_pytorch_rule_does(dtype):
     q = torch.randn(seqs, kv_heads * group, dim)
     for budget in (1, 2, 3, 5, width):
         budgets = torch.full((seqs, kv_heads), budget)
-        selected, new_lengths = kernels.select_blocks(q, native.key_min, native.key_max, tables, lengths, budgets, BLOCK)
+        selected, new_lengths, places = kernels.select_blocks(q, native.key_min, native.key_max, tables, lengths, budgets, BLOCK)
         bounds = block_bounds(q.view(seqs, kv_heads, group, dim), reference.key_min[tables], reference.key_max[tables])
-        expected, expected_lengths = select_blocks(bounds, tables, lengths, budgets, BLOCK)
+        expected, expected_lengths, expected_places = select_blocks(bounds, tables, lengths, budgets, BLOCK)
         assert torch.equal(new_lengths, expected_lengths)
         for s in range(seqs):
             for h in range(kv_heads):
                 used = -(-int(new_lengths[s, h]) // BLOCK)
                 assert selected[s, h, :used].tolist() == expected[s, h, :used].tolist()
+                assert places[s, h, :used].tolist() == expected_places[s, h, :used].tolist()
 
 
 def test_selection_settings_are_checked():
@@ -99,6 +102,8 @@ def test_selection_settings_are_checked():
         KVSelectionConfig()
     with pytest.raises(ConfigError, match="ratio"):
         KVSelectionConfig(ratio=1.5)
+    with pytest.raises(ConfigError, match="selection_layers must start"):
+        KVSelectionConfig(ratio=0.5, selection_layers=(5, 9))
 
 
 @pytest.mark.parametrize("engine", ["llm", "pytorch_llm"])
@@ -111,6 +116,33 @@ def test_a_budget_covering_every_block_decodes_exactly_as_full_attention(engine,
     assert selecting.generate(prompt, params)[0].token_ids == expected
     stats = selecting.engine.stats()
     assert stats["selected_decode_entries"] == stats["stored_decode_entries"] > 0
+
+
+def test_selection_layers_choose_and_the_layers_after_them_attend_at_the_same_places(llm, monkeypatch):
+    """TidalDecode: with a budget covering every block it is still full attention; with a small one, every
+    layer after a selection layer attends to the blocks at the places that layer chose."""
+    prompt = {"prompt_token_ids": llm.encode("The harbour town kept its old lighthouse. " * 60)}
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    expected = llm.generate(prompt, params)[0].token_ids
+    covering = KVSelectionConfig(budget=4096, selection_layers=(2, 16))
+    assert llm.with_options(kv_selection=covering).generate(prompt, params)[0].token_ids == expected
+    chosen, held = [], []  # (layer, places of the attended blocks in its table), blocks held: first decode step
+    decode_blocks = PagedAttention._decode_blocks
+
+    def recording(self, layer, q):
+        tables, lengths = decode_blocks(self, layer, q)
+        if self.selection is not None and layer >= 2 and len(chosen) < llm.engine.model.config.num_layers - 2:
+            place = {int(block): i for i, block in enumerate(self.decode.block_tables[layer][0, 0].tolist())}
+            used = -(-int(lengths[0, 0]) // llm.engine.config.block_size)
+            chosen.append((layer, [place[int(block)] for block in tables[0, 0, :used].tolist()]))
+            held.append(-(-int(self.decode.lengths[layer][0, 0]) // llm.engine.config.block_size))
+        return tables, lengths
+
+    monkeypatch.setattr(PagedAttention, "_decode_blocks", recording)
+    llm.with_options(kv_selection=KVSelectionConfig(ratio=0.125, selection_layers=(2, 16))).generate(prompt, params)
+    places = dict(chosen)
+    assert all(len(picked) < blocks // 4 for (_, picked), blocks in zip(chosen, held))  # a real selection
+    assert all(places[layer] == places[2 if layer < 16 else 16] for layer in places)
 
 
 def test_a_small_budget_reads_a_fraction_of_the_entries_and_frees_everything(llm):

@@ -62,11 +62,14 @@ class KVSelectionConfig:
     """Selection instead of eviction (Quest): every entry stays, and each decoding query attends only to
     the blocks of each (layer, KV head) whose key bounds promise the highest scores, `budget` entries
     (rounded up to whole blocks) or `ratio` of what the head holds; the first `dense_layers` layers attend
-    to everything (as Quest does)."""
+    to everything (as Quest does). With `selection_layers` (TidalDecode), only those layers choose; each
+    later layer attends to the blocks at the places the last of them chose (the same positions in every
+    layer while no policy has evicted; otherwise every layer chooses for itself)."""
 
     budget: int | None = None
     ratio: float | None = None
     dense_layers: int = 2
+    selection_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if (self.budget is None) == (self.ratio is None):
@@ -77,6 +80,15 @@ class KVSelectionConfig:
             raise ConfigError(f"selection ratio must be in (0, 1], got {self.ratio!r}")
         if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise ConfigError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+        if self.selection_layers is not None:
+            self.selection_layers = tuple(self.selection_layers)
+            if not self.selection_layers or min(self.selection_layers) != self.dense_layers:
+                raise ConfigError(f"selection_layers must start with the first selecting layer ({self.dense_layers}), "
+                                  f"got {self.selection_layers!r}")
+
+    def selects_in(self, layer: int) -> bool:
+        """Whether `layer` chooses its own blocks (every layer does without selection_layers)."""
+        return self.selection_layers is None or layer in self.selection_layers
 
     def budget_blocks(self, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
         """Blocks each (sequence, KV head) of `lengths` entries attends to."""

@@ -121,6 +121,7 @@ class PagedAttention:
         if self.selection is not None:  # blocks each (layer, sequence, KV head) attends to, for all layers at once
             self._budget_blocks = self.selection.budget_blocks(decode.lengths, pool.block_size)
         self.selected_lengths: list[torch.Tensor] = []  # the entries decoding attended to, per selected layer
+        self._chosen: tuple[torch.Tensor, torch.Tensor] | None = None  # places and lengths a selection layer chose
         self._shared_decode_mask = None
         if decode is not None and decode.layers_aligned and self.kernels is None and self.selection is None:
             self._shared_decode_mask = self._decode_mask(0)
@@ -213,18 +214,25 @@ class PagedAttention:
     def _decode_blocks(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block tables and lengths [seqs, kv_heads, ...] the decoding rows attend through in `layer`."""
         tables, lengths = self.decode.block_tables[layer], self.decode.lengths[layer]
-        if self.selection is None or layer < self.selection.dense_layers:
+        selection = self.selection
+        if selection is None or layer < selection.dense_layers:
             return tables, lengths
-        pool = self.pool
-        budget = self._budget_blocks[layer]
-        if self.kernels is not None:
-            selected, selected_lengths = self.kernels.select_blocks(
-                q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size
-            )
+        if self._chosen is not None and not selection.selects_in(layer):  # TidalDecode: reuse the places chosen
+            places, selected_lengths = self._chosen
+            selected = torch.gather(tables, -1, places)
         else:
-            grouped_q = q.view(tables.shape[0], tables.shape[1], -1, q.shape[-1])
-            bounds = block_bounds(grouped_q, pool.key_min[tables], pool.key_max[tables])
-            selected, selected_lengths = select_blocks(bounds, tables, lengths, budget, pool.block_size)
+            pool = self.pool
+            budget = self._budget_blocks[layer]
+            if self.kernels is not None:
+                selected, selected_lengths, places = self.kernels.select_blocks(
+                    q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size
+                )
+            else:
+                grouped_q = q.view(tables.shape[0], tables.shape[1], -1, q.shape[-1])
+                bounds = block_bounds(grouped_q, pool.key_min[tables], pool.key_max[tables])
+                selected, selected_lengths, places = select_blocks(bounds, tables, lengths, budget, pool.block_size)
+            if selection.selection_layers is not None and self.decode.layers_aligned:  # a place is the same positions in every layer
+                self._chosen = places, selected_lengths
         self.selected_lengths.append(selected_lengths)
         return selected, selected_lengths
 

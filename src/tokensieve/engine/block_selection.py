@@ -25,10 +25,11 @@ def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) 
 
 def select_blocks(
     bounds: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor, budget_blocks: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The block tables and lengths a decoding query attends through: the top `budget_blocks[s, h]` blocks by
-    bound (first and last always), in their original order. bounds, tables [seqs, kv_heads, blocks]; lengths
-    and budget_blocks [seqs, kv_heads]. Entries past a head's new length in its new table are never read."""
+    bound (first and last always), in their original order, and the places in `tables` they come from.
+    bounds, tables [seqs, kv_heads, blocks]; lengths and budget_blocks [seqs, kv_heads]. Entries past a
+    head's new length in its new table are never read."""
     width = tables.shape[-1]
     index = torch.arange(width, device=tables.device)
     num_blocks = (lengths + block_size - 1) // block_size
@@ -43,4 +44,4 @@ def select_blocks(
     selected = torch.gather(tables, -1, first_chosen)
     last_entries = lengths - (num_blocks - 1) * block_size
     new_lengths = torch.where(budget >= num_blocks, lengths, (budget - 1) * block_size + last_entries)
-    return selected, new_lengths
+    return selected, new_lengths, first_chosen

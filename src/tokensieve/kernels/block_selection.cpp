@@ -5,7 +5,8 @@
 // select_blocks:    for each (sequence, KV head), the blocks a decoding query attends to: those whose bound
 //                   sum_d max(q_d * min_d, q_d * max_d) (the largest over the query heads sharing the KV
 //                   head) is highest, the first and the last block always (the last first of all), in
-//                   their original order; with no more blocks than the budget, all of them.
+//                   their original order; with no more blocks than the budget, all of them. Returns the
+//                   chosen block ids, the new lengths, and the chosen blocks' places in the tables.
 #include "kernels.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -99,11 +100,13 @@ std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min,
   TORCH_CHECK(q.size(0) == seqs && q.size(1) == group * kv_heads && key_min.size(1) == dim, "shapes disagree");
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(width, budgets.max().item<int64_t>()));
   auto selected = torch::zeros({seqs, kv_heads, most}, block_tables.options());
+  auto positions = torch::zeros({seqs, kv_heads, most}, block_tables.options());  // the chosen blocks' places in the table
   auto new_lengths = torch::empty_like(lens);
   const int64_t* table = block_tables.data_ptr<int64_t>();
   const int64_t* length = lens.data_ptr<int64_t>();
   const int64_t* budget = budgets.data_ptr<int64_t>();
   int64_t* out = selected.data_ptr<int64_t>();
+  int64_t* out_index = positions.data_ptr<int64_t>();
   int64_t* out_length = new_lengths.data_ptr<int64_t>();
   with_bounds_type(key_min, [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
@@ -118,8 +121,10 @@ std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min,
         const int64_t n = (length[p] + block_size - 1) / block_size;
         const int64_t k = std::max<int64_t>(1, std::min(budget[p], n));
         int64_t* dest = out + p * most;
+        int64_t* dest_index = out_index + p * most;
         if (k >= n) {
           std::copy(blocks, blocks + n, dest);
+          std::iota(dest_index, dest_index + n, 0);
           out_length[p] = length[p];
           continue;
         }
@@ -134,13 +139,15 @@ std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min,
                           [&](int64_t a, int64_t b) { return bound[a] > bound[b] || (bound[a] == bound[b] && a < b); });
         order.resize(middle);
         std::sort(order.begin(), order.end());
-        int64_t i = 0;
-        if (k >= 2) dest[i++] = blocks[0];
-        for (int64_t b : order) dest[i++] = blocks[b];
-        dest[i++] = blocks[n - 1];
+        if (k >= 2) order.insert(order.begin(), 0);
+        order.push_back(n - 1);
+        for (size_t i = 0; i < order.size(); ++i) {
+          dest[i] = blocks[order[i]];
+          dest_index[i] = order[i];
+        }
         out_length[p] = (k - 1) * block_size + length[p] - (n - 1) * block_size;
       }
     });
   });
-  return {selected, new_lengths};
+  return {selected, new_lengths, positions};
 }
