@@ -34,7 +34,8 @@ def test_a_lock_left_by_a_killed_build_is_taken_over(tmp_path, monkeypatch):
     shutil.copytree(built, build_dir, dirs_exist_ok=True)
     (build_dir / "tokensieve_kernels.so").unlink()  # killed before linking: the objects are there, the library not
     (build_dir / TORCH_LOCK).touch()  # what a build killed with SIGKILL leaves: torch would wait on it forever
-    done = run_load(tmp_path, timeout=120)
+    # a hang would last forever; a relink takes seconds, but a checkout newer than the objects recompiles them
+    done = run_load(tmp_path, timeout=600)
     assert done.returncode == 0 and "loaded" in done.stdout, done.stderr
     assert (build_dir / "tokensieve_kernels.so").is_file()  # linked again
     again = run_load(tmp_path, timeout=60)
