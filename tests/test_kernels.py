@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokensieve import SamplingParams
 from tokensieve.kernels import native_kernels
 from tokensieve.models.quantized import BLOCK_LAYOUTS, QuantizedWeight
 
@@ -250,8 +251,6 @@ def pytorch_llm():
 
 def test_engine_without_kernels_matches_transformers(hf_model, llm, pytorch_llm):
     """The plain-PyTorch path (used where the kernels cannot be built) stays correct too."""
-    from tokensieve import SamplingParams
-
     assert pytorch_llm.engine.kernels is None and pytorch_llm.engine.model.lm_head.native is None
     ids = llm.encode([{"role": "user", "content": "Name three colours."}])
     ours = pytorch_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))[0]
@@ -262,7 +261,6 @@ def test_engine_without_kernels_matches_transformers(hf_model, llm, pytorch_llm)
 
 def test_speculation_without_kernels_is_identical_to_plain_greedy(pytorch_llm):
     """Draft trees through the gather + SDPA path (its mask hides a node's non-ancestors)."""
-    from tokensieve import SamplingParams
     from tokensieve.config import SpeculativeConfig
 
     prompts = [
@@ -287,3 +285,12 @@ def test_a_float16_kv_pool_without_kernels_reads_back_its_entries(pytorch_llm):
     ]
     assert (logits[1] - logits[0]).norm() / logits[0].norm() < 1e-2
     assert (logits[1].argmax(-1) == logits[0].argmax(-1)).float().mean() >= 0.95
+
+
+def test_a_bfloat16_kv_pool_decodes_through_the_gather_path(llm):
+    """The native decode kernels read float32 and float16 pools; a bfloat16 one is gathered and widened."""
+    prompt = {"prompt_token_ids": llm.encode("The harbour town kept its old lighthouse. " * 8)}
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    out = llm.with_options(kv_dtype="bfloat16").generate(prompt, params)[0]
+    assert len(out.token_ids) == 8
+    assert out.token_ids[0] == llm.generate(prompt, params)[0].token_ids[0]  # the prefill's token: same keys in hand

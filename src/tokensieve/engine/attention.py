@@ -111,8 +111,9 @@ class PagedAttention:
         self.prefills = prefills
         self.sliding_window = sliding_window
         self.scratch = {} if scratch is None else scratch  # gather buffers, reused across layers and steps
-        # native kernels read the decode cache in place; with a sliding window, masks need positions
-        self.kernels = kernels if sliding_window is None else None
+        # native kernels read the decode cache in place (a float32 or float16 pool); with a sliding window,
+        # masks need positions
+        self.kernels = kernels if sliding_window is None and pool.kernels is not None else None
         # positions are the same in every layer: store them for all layers at once
         pool.positions.view(-1)[write_slots] = write_positions.expand_as(write_slots)
         # selection applies to plain decoding rows that no policy observes, with no sliding window
