@@ -309,11 +309,9 @@ class PagedAttention:
         part needs a [queries, entries] mask, and the causal part skips its upper triangle, as one causal
         SDPA over the whole prompt would."""
         own_keys, own_values = self._per_query_head(grouped_q, k.transpose(0, 1), v.transpose(0, 1))
-        if chunk.is_first:
-            return F.scaled_dot_product_attention(grouped_q, own_keys, own_values, is_causal=True)
         stored_lengths = chunk.lengths[layer] - grouped_q.shape[2]  # the chunk's entries are the last of each head
-        most = int(stored_lengths.max())
-        if most == 0:  # a policy left this layer nothing (global budgets): the chunk sees only itself
+        most = 0 if chunk.is_first else int(stored_lengths.max())
+        if most == 0:  # the first chunk, or a layer a policy left with nothing (global budgets): only itself
             return F.scaled_dot_product_attention(grouped_q, own_keys, own_values, is_causal=True)
         own, own_lse = _attention_with_lse(grouped_q, own_keys, own_values, is_causal=True)
         blocks = chunk.block_tables[layer][:, : -(-most // self.pool.block_size)]
