@@ -63,7 +63,7 @@ def test_the_pool_keeps_each_blocks_key_bounds_through_reuse_and_moves(dtype):
     for block in range(3):
         assert torch.equal(pool.key_min[block], stored[block * BLOCK : (block + 1) * BLOCK].amin(0))
         assert torch.equal(pool.key_max[block], stored[block * BLOCK : (block + 1) * BLOCK].amax(0))
-    pool.move(torch.tensor([1]), torch.tensor([13]))  # into block 3: its bounds cover what moved in
+    pool.move(torch.tensor([1]), torch.tensor([13]), None)  # into block 3: its bounds cover what moved in
     assert torch.equal(pool.key_min[3], torch.minimum(pool.key_min[3], stored[1])) and (pool.key_max[3] >= stored[1]).all()
 
 

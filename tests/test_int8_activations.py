@@ -115,7 +115,7 @@ def test_int8_activations_need_gguf_blocks(kernels, tmp_path):  # noqa: F811
 
 def test_the_fast_path_stores_float16_kv_which_adds_little_to_the_error(llm, int8_llm):
     """Against the float32 reference: float16 entries move the logits by 0.04%, int8 activations by 4%."""
-    assert int8_llm.engine.kv_dtype == torch.float16 and int8_llm.engine.pool.bytes_per_entry == 2 * 64 * 2
+    assert int8_llm.engine.kv_dtype == "float16" and int8_llm.engine.pool.bytes_per_entry == 2 * 64 * 2
     prompt = [{"role": "user", "content": "Explain in three sentences why the sky is blue."}]
     logits = lambda engine, kv_dtype: engine.with_options(kv_dtype=kv_dtype, prefill_chunk_size=8).prompt_logits(prompt)
     reference = logits(llm, "float32")  # chunks of 8: every later chunk reads the pool
@@ -125,7 +125,7 @@ def test_the_fast_path_stores_float16_kv_which_adds_little_to_the_error(llm, int
 
 
 def test_the_default_runs_int8_where_it_applies_and_says_what_it_runs(int8_llm, llm):
-    assert llm.engine.activations == "float32" and llm.engine.kv_dtype == torch.float32  # asked for the reference
+    assert llm.engine.activations == "float32" and llm.engine.kv_dtype == "float32"  # asked for the reference
     default = LLM("smollm2-135m")
     assert default.engine.activations == "int8" and default.engine.stats()["kv_dtype"] == "float16"
     model = default.engine.model

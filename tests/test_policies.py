@@ -157,7 +157,7 @@ def test_compaction_moves_kept_entries_to_the_front_and_frees_exactly_the_evicte
     keep[1, :, [2, 3, 4, 5, 6]] = True  # 5 entries: 2 blocks
     before_entries, before_blocks = manager.num_stored_entries, manager.num_used_blocks
     source, destination = manager.compact(table, keep)
-    pool.move(torch.from_numpy(source), torch.from_numpy(destination))
+    pool.move(torch.from_numpy(source), torch.from_numpy(destination), table)
     assert manager.num_stored_entries == before_entries - (2 * 3 * 11 - keep.sum())
     assert manager.num_used_blocks == before_blocks - (6 * 3 - (1 + 3 + 1 + 2 * 3))
     assert table.lengths.tolist() == [[4, 11, 1], [5, 5, 5]]

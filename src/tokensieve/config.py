@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .policies import ALLOCATIONS, POLICIES, make_policy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZED_KV_BITS = {"int8": 8, "int4": 4}  # KV pools of quantized blocks (engine/quantized_kv_pool.py)
 # what enters a GGUF-block matmul: rows rounded to int8 per 32-entry block (as llama.cpp does), or float32
 # rows (the reference mode); "auto" is int8 where it applies (native CPU kernels, GGUF Q4_0/Q4_1/Q8_0 blocks)
 ACTIVATIONS = ("auto", "int8", "float32")
@@ -163,8 +164,9 @@ class EngineConfig:
     # "int8": every row multiplied by Q4_0/Q4_1/Q8_0 blocks is rounded to int8 per 32 entries first (faster,
     # 0.1-1.2% error per matmul; needs the native kernels); "float32": the reference mode; "auto": int8 where it applies
     activations: str = "auto"
-    # what the KV pool stores: "float32", "float16" or "bfloat16"; "auto": float16 with int8 activations (half
-    # the bytes that decoding reads at long context, as llama.cpp's cache), else the model's dtype
+    # what the KV pool stores: "float32", "float16" or "bfloat16"; "int8" or "int4" (KIVI: full blocks quantized,
+    # keys per channel, values per entry in groups of 32, the blocks being filled in float32); "auto": float16 with
+    # int8 activations (half the bytes that decoding reads at long context, as llama.cpp's cache), else the model's dtype
     kv_dtype: str = "auto"
     kv_policy: KVPolicyConfig | None = None  # KV-cache eviction (None: keep everything)
     kv_selection: KVSelectionConfig | None = None  # decoding attends to selected blocks only (None: to all)
@@ -185,8 +187,10 @@ class EngineConfig:
             torch.device(self.device)
         except RuntimeError:
             raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
-        if self.kv_dtype != "auto" and self.kv_dtype not in DTYPES:
-            raise ConfigError(f"kv_dtype must be auto or one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype != "auto" and self.kv_dtype not in DTYPES and self.kv_dtype not in QUANTIZED_KV_BITS:
+            raise ConfigError(
+                f"kv_dtype must be auto or one of {', '.join([*DTYPES, *QUANTIZED_KV_BITS])}, got {self.kv_dtype!r}"
+            )
         if self.activations not in ACTIVATIONS:
             raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.activations == "int8" and not self.wants_native_kernels:

@@ -105,10 +105,9 @@ class OursSystem:
             logits = engine.prompt_logits(request_id)
         finally:
             engine.abort(request_id)
-        block_bytes = engine.pool.bytes_per_block
-        kv_bytes = manager.peak_used_blocks * block_bytes  # the compressed context plus the continuation
+        kv_bytes = engine.pool.allocated_bytes(manager.peak_used_blocks, peak=True)  # the compressed context plus the continuation
         ppl = _perplexity(logits[len(case.context_ids) : -1], case.question_ids[1:])
-        return Answer(None, ppl, time.perf_counter() - start, None, kv_bytes, max(context_peak_blocks * block_bytes, kv_bytes))
+        return Answer(None, ppl, time.perf_counter() - start, None, kv_bytes, max(engine.pool.allocated_bytes(context_peak_blocks, peak=True), kv_bytes))
 
 
 class TransformersSystem:

@@ -111,8 +111,8 @@ class PagedAttention:
         self.prefills = prefills
         self.sliding_window = sliding_window
         self.scratch = {} if scratch is None else scratch  # gather buffers, reused across layers and steps
-        # native kernels read the decode cache in place (a float32 or float16 pool); with a sliding window,
-        # masks need positions
+        # native kernels read the decode cache in place (a float32, float16 or quantized pool); with a sliding
+        # window, masks need positions
         self.kernels = kernels if sliding_window is None and pool.kernels is not None else None
         # positions are the same in every layer: store them for all layers at once
         pool.positions.view(-1)[write_slots] = write_positions.expand_as(write_slots)
@@ -153,8 +153,8 @@ class PagedAttention:
         shape = block_tables.shape[:-1] + (-1, self.pool.head_dim)
         gathered = []
         for name in names:
-            stored = torch.index_select(self.pool.entry_major(name), 0, ids, out=self._buffer(name, block_shape, self.pool.dtype))
-            if self.pool.dtype != self.dtype:  # a narrower pool: widen once, into a buffer of its own
+            stored = self.pool.read_blocks(name, ids, out=self._buffer(name, block_shape, self.pool.read_dtype))
+            if self.pool.read_dtype != self.dtype:  # a narrower pool: widen once, into a buffer of its own
                 stored = self._buffer(f"{name} widened", block_shape, self.dtype).copy_(stored)
             gathered.append(stored.view(shape))
         return tuple(gathered)
@@ -163,7 +163,7 @@ class PagedAttention:
         numel = math.prod(shape)
         buffer = self.scratch.get(name)
         if buffer is None or buffer.numel() < numel:
-            buffer = self.scratch[name] = torch.empty(numel, dtype=dtype, device=self.pool.keys.device)
+            buffer = self.scratch[name] = torch.empty(numel, dtype=dtype, device=self.pool.device)
         return buffer[:numel].view(shape)
 
     def _entry_positions(self, block_tables: torch.Tensor) -> torch.Tensor:
@@ -266,11 +266,11 @@ class PagedAttention:
         tables, lengths = self._decode_blocks(layer, q)
         block_rows = group.block_rows if group.block_rows is not None else NO_BLOCKS
         visibility = group.block_visibility if group.block_visibility is not None else NO_BLOCKS
-        scores = self.kernels.paged_scores(q, self.pool.keys, tables, lengths, head_dim**-0.5, group.row_of_slot, visibility, block_rows)
+        scores = self.pool.paged_scores(q, tables, lengths, head_dim**-0.5, group.row_of_slot, visibility, block_rows)
         group_size = q.shape[1] // tables.shape[1]
         for seq, observer in group.observers.items():
             observer(layer, scores[seq, :, :group_size].unsqueeze(2), 0, 1)
-        return self.kernels.paged_softmax_values(scores, self.pool.values, tables, lengths, group.row_of_slot, block_rows, q.shape[0])
+        return self.pool.paged_softmax_values(scores, tables, lengths, group.row_of_slot, block_rows, q.shape[0])
 
     @staticmethod
     def _one_head_if_all_alike(lengths: torch.Tensor, entry_positions: torch.Tensor):

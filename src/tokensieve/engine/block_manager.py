@@ -7,6 +7,8 @@ pool needs it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .block_table import BlockTable
@@ -14,8 +16,10 @@ from .prefix_cache import CachedBlock, PrefixCache
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int, prefix_caching: bool = False):
+    def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int, prefix_caching: bool = False,
+                 on_release: Callable[[list[int]], None] | None = None):
         self.num_blocks = num_blocks
+        self.on_release = on_release  # told the ids of blocks handed back by their table (a quantized pool frees their staging)
         self.block_size = block_size
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
@@ -124,22 +128,27 @@ class BlockManager:
         Returns the (source, destination) slots whose contents the caller must move."""
         assert not table.cached, "a KV policy never compresses a table that shares cached blocks"
         source, destination, freed = table.compact(keep)
-        self._released.extend(freed)
+        self._hand_back(freed)
         return source, destination
 
     def keep_appended(self, table: BlockTable, num_appended: int, kept) -> tuple:
         """Keep only the appended entries at offsets `kept` (see BlockTable.keep_appended); freed
         blocks return to the pool. Returns the (source, destination) slots the caller must move."""
         source, destination, freed = table.keep_appended(num_appended, kept)
-        self._released.extend(freed)
+        self._hand_back(freed)
         return source, destination
 
     def release(self, table: BlockTable) -> None:
         """Return every block of `table` to the pool (its cached prefix to the cache); the table stays usable (empty)."""
-        self._released.extend(table.private_block_ids())
+        self._hand_back(table.private_block_ids())
         if table.cached:
             self.prefix_cache.release(table.cached)
         table.clear()
+
+    def _hand_back(self, block_ids: list[int]) -> None:
+        self._released.extend(block_ids)
+        if self.on_release is not None and len(block_ids):
+            self.on_release(block_ids)
 
     def drop(self, table: BlockTable) -> None:
         """Release `table` and forget it for good."""

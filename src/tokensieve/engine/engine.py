@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..cache import cache_root
-from ..config import DTYPES, EngineConfig, SpeculativeConfig
+from ..config import DTYPES, QUANTIZED_KV_BITS, EngineConfig, SpeculativeConfig
 from ..errors import ContextLengthError, RequestError
 from ..kernels import native_kernels
 from ..models.llama import LlamaModel
@@ -26,6 +26,7 @@ from .context_repeat import ContextRepeat
 from .fairness import make_fairness
 from .kv_compression import KVCompressor
 from .kv_pool import KVPool
+from .quantized_kv_pool import QuantizedKVPool
 from .latency_probe import LatencyProbe
 from .output_text import OutputText
 from .runner import ModelRunner
@@ -56,20 +57,19 @@ class LLMEngine:
         model_cfg = self.model.config
         self.max_model_len = min(config.max_model_len or model_cfg.max_position_embeddings, model_cfg.max_position_embeddings)
         # "auto": float16 entries on the int8 fast path (as llama.cpp stores its cache), else the model's dtype
-        self.kv_dtype = DTYPES[config.kv_dtype] if config.kv_dtype != "auto" else (
-            torch.float16 if self.activations == "int8" else config.torch_dtype
+        self.kv_dtype = config.kv_dtype if config.kv_dtype != "auto" else (
+            "float16" if self.activations == "int8" else config.dtype
         )
-        selects = config.kv_selection is not None
-        num_blocks = KVPool.blocks_for_bytes(config.kv_cache_bytes, config.block_size, model_cfg.head_dim, self.kv_dtype, selects)
-        self.pool = KVPool(num_blocks, config.block_size, model_cfg.head_dim, self.kv_dtype, self.device, self.kernels,
-                           key_bounds=selects)
+        self.pool = self._make_pool(config, model_cfg.head_dim)
         policy = config.kv_policy
         evicts = policy is not None and policy.evicts
         if evicts and config.prefix_caching:
             log.warning("prefix caching is off: KV policy %r compresses each sequence's blocks, which then hold other "
                         "entries in each (layer, head) than a block key names", policy.name)
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads, config.prefix_caching and not evicts
+            self.pool.num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads,
+            config.prefix_caching and not evicts, 
+            on_release=self.pool.release if isinstance(self.pool, QuantizedKVPool) else None,
         )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_batched_tokens, config.prefill_chunk_size,
@@ -247,6 +247,18 @@ class LLMEngine:
             self.speculator.observe_step(len(schedule.chunks), rows - len(schedule.chunks), context, time.perf_counter() - began)
         return outputs
 
+    def _make_pool(self, config: EngineConfig, head_dim: int) -> KVPool:
+        """The KV pool of self.kv_dtype, as many blocks as kv_cache_bytes holds."""
+        selects = config.kv_selection is not None
+        bits = QUANTIZED_KV_BITS.get(self.kv_dtype)
+        if bits is not None:
+            block_bytes = QuantizedKVPool.block_bytes(config.block_size, head_dim, bits, selects)
+            num_blocks = max(1, config.kv_cache_bytes // block_bytes)
+            return QuantizedKVPool(num_blocks, config.block_size, head_dim, bits, self.device, self.kernels, key_bounds=selects)
+        dtype = DTYPES[self.kv_dtype]
+        num_blocks = max(1, config.kv_cache_bytes // KVPool.block_bytes(config.block_size, head_dim, dtype, selects))
+        return KVPool(num_blocks, config.block_size, head_dim, dtype, self.device, self.kernels, key_bounds=selects)
+
     def _draft(self) -> list[Sequence]:
         """Draft verification blocks for the speculating sequences that are decoding."""
         decoding = [s for s in self.scheduler.running if s.num_unprocessed == 1]
@@ -261,7 +273,7 @@ class LLMEngine:
         path, emitted = self.speculator.verify(seq, block, logits)
         source, destination = self.block_manager.keep_appended(seq.block_table, len(block), np.array(path))
         if len(source):
-            self.pool.move(torch.from_numpy(source).to(self.device), torch.from_numpy(destination).to(self.device))
+            self.pool.move(torch.from_numpy(source).to(self.device), torch.from_numpy(destination).to(self.device), seq.block_table)
         seq.num_processed += len(path)
         self.scheduler.cache_computed(seq)
         self.counts["spec_draft_tokens"] += len(block) - 1
@@ -332,9 +344,9 @@ class LLMEngine:
         `block_manager.reset_peak()`), entries stored."""
         return {
             "capacity_bytes": self.pool.bytes_capacity,
-            "allocated_bytes": self.block_manager.num_used_blocks * self.pool.bytes_per_block,
-            "peak_allocated_bytes": self.block_manager.peak_used_blocks * self.pool.bytes_per_block,
-            "in_use_bytes": self.block_manager.num_stored_entries * self.pool.bytes_per_entry,
+            "allocated_bytes": self.pool.allocated_bytes(self.block_manager.num_used_blocks),
+            "peak_allocated_bytes": self.pool.allocated_bytes(self.block_manager.peak_used_blocks, peak=True),
+            "in_use_bytes": int(self.block_manager.num_stored_entries * self.pool.bytes_per_entry),
         }
 
     def stats(self) -> dict:
@@ -346,7 +358,7 @@ class LLMEngine:
         memory = self.kv_memory()
         return {
             "activations": self.activations,
-            "kv_dtype": str(self.kv_dtype).removeprefix("torch."),
+            "kv_dtype": self.kv_dtype,
             "running": len(scheduler.running),
             "waiting": len(scheduler.waiting),
             "waiting_by_client": waiting_by_client,

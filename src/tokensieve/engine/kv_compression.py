@@ -109,7 +109,7 @@ class KVCompressor:
         """Keep the best entries of every (layer, KV head) under the budget; free the rest's blocks."""
         seq.forwards_since_compression = 0
         table = seq.block_table
-        device = self.pool.keys.device
+        device = self.pool.device
         lengths = torch.from_numpy(table.lengths.copy())
         budgets = self.budgets(seq)
         adaptive = self.config.allocation == "adaptive"
@@ -131,15 +131,16 @@ class KVCompressor:
             view.queries = seq.query_sums.moments(self.rotary, seq.num_processed, self.policy.future_positions)
         keep = keep_mask(self.policy.scores(view), view.lengths, view.budgets, self.config.allocation)
         source, destination = self.block_manager.compact(table, keep.cpu().numpy())
-        self.pool.move(torch.from_numpy(source).to(device), torch.from_numpy(destination).to(device))
+        self.pool.move(torch.from_numpy(source).to(device), torch.from_numpy(destination).to(device), table)
         if attention is not None:
             seq.kv_attention = list(self._compact_record(attention, keep).unbind(0))
         self.num_compressions += 1
 
     def _stored(self, blocks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values [kv_heads, entries, dim] in `blocks` [layers, kv_heads, blocks] of `layer`, as float32."""
-        keys = self.pool.entry_major("keys")[blocks[layer]].flatten(1, 2)
-        return keys.float(), self.pool.values[blocks[layer]].flatten(1, 2).float()
+        ids = blocks[layer].flatten()
+        keys, values = (self.pool.read_blocks(name, ids).view(*blocks.shape[1:], -1, self.pool.head_dim) for name in ("keys", "values"))
+        return keys.flatten(1, 2).float(), values.flatten(1, 2).float()
 
     @staticmethod
     def _compact_record(attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

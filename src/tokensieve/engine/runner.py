@@ -27,7 +27,7 @@ class ModelRunner:
         self.attended_entries = self.stored_entries = 0
         self.kernels = kernels
         self.compressor = compressor  # records attention for the KV policy when it asks
-        self.device = pool.keys.device
+        self.device = pool.device
         self.scratch: dict[str, torch.Tensor] = {}  # attention's gather buffers, kept between steps
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:

@@ -20,7 +20,7 @@ from .build_lock import exclusive_build
 KERNEL_DIR = Path(__file__).parent
 SOURCES = (
     "kernels.h", "vector_math.h", "bindings.cpp", "qmatmul.cpp", "int8_matmul.cpp", "paged_attention.cpp", "top_tokens.cpp",
-    "layer_ops.cpp", "block_selection.cpp",
+    "layer_ops.cpp", "block_selection.cpp", "kv_quantization.cpp",
 )
 
 

@@ -5,6 +5,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_matmul", &int8_matmul, "x @ W^T with x quantized to int8 per 32-block, W in repacked GGUF blocks");
   m.def("paged_scores", &paged_scores, "q . k for every stored entry of each (sequence, KV head), read in place");
   m.def("paged_softmax_values", &paged_softmax_values, "softmax of the scores times v over the stored entries, read in place");
+  m.def("paged_scores_quantized", &paged_scores_quantized, "paged_scores over a pool of int8 or int4 blocks and their float staging");
+  m.def("paged_softmax_values_quantized", &paged_softmax_values_quantized,
+        "paged_softmax_values over a pool of int8 or int4 blocks and their float staging");
+  m.def("quantize_into", &quantize_into, "quantize blocks of a float32 pool into codes, float16 scales and zeros (KIVI)");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim");
   m.def("rotary", &rotary, "x * cos + rotate_half(x) * sin for x [tokens, heads, dim]");
   m.def("silu_mul", &silu_mul, "silu(gate) * up for gate_up [rows, 2 * intermediate] (gate first)");

@@ -18,6 +18,16 @@ torch::Tensor paged_scores(torch::Tensor q, torch::Tensor key_pool, torch::Tenso
 torch::Tensor paged_softmax_values(torch::Tensor scores, torch::Tensor value_pool, torch::Tensor block_tables,
                                    torch::Tensor lengths, torch::Tensor row_of_slot, torch::Tensor block_rows,
                                    int64_t num_rows);
+torch::Tensor paged_scores_quantized(torch::Tensor q, torch::Tensor key_codes, torch::Tensor key_scale, torch::Tensor key_zero,
+                                     torch::Tensor staging_of, torch::Tensor staging_keys, int64_t bits, torch::Tensor block_tables,
+                                     torch::Tensor lengths, double scale, torch::Tensor row_of_slot, torch::Tensor block_visibility,
+                                     torch::Tensor block_rows);
+torch::Tensor paged_softmax_values_quantized(torch::Tensor scores, torch::Tensor value_codes, torch::Tensor value_scale,
+                                             torch::Tensor value_zero, torch::Tensor staging_of, torch::Tensor staging_values,
+                                             int64_t bits, torch::Tensor block_tables, torch::Tensor lengths,
+                                             torch::Tensor row_of_slot, torch::Tensor block_rows, int64_t num_rows);
+void quantize_into(torch::Tensor source, torch::Tensor source_ids, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero,
+                   torch::Tensor destination_ids, int64_t bits);
 torch::Tensor top_tokens(torch::Tensor logits, int64_t k);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
 torch::Tensor rotary(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
