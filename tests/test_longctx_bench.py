@@ -50,15 +50,18 @@ def test_bench_longctx_end_to_end_writes_json_markdown_and_plot(tmp_path):
     code = main([
         "bench", "longctx", "--tasks", "niah_single", "perplexity", "--lengths", "640", "--cases", "1",
         "--policies", "streaming_llm", "--keep-ratios", "0.5", "--no-transformers", "--out", str(tmp_path),
+        "--kv-dtypes", "int8", "--quantized-policies", "streaming_llm",
     ])
     assert code == 0
     result = json.loads((tmp_path / "longctx.json").read_text())
     assert result["setting"] == "query-agnostic"
     methods = {(row["method"], row["task"]) for row in result["cases"]}
-    methods_run = ("full@all", "quest@0.125x", "streaming_llm@0.5x")  # block selection at its default share too
+    methods_run = ("full@all", "quest@0.125x", "streaming_llm@0.5x", "full@all+int8", "streaming_llm@0.5x+int8")
     assert methods == {(m, t) for m in methods_run for t in ("niah_single", "perplexity")}
     full_kv = next(r for r in result["cases"] if r["method"] == "full@all" and r["task"] == "niah_single")["kv_bytes"]
     half_kv = next(r for r in result["cases"] if r["method"] == "streaming_llm@0.5x" and r["task"] == "niah_single")["kv_bytes"]
     assert half_kv < 0.7 * full_kv  # half the context evicted: the pool really holds less
+    int8_kv = next(r for r in result["cases"] if r["method"] == "full@all+int8" and r["task"] == "niah_single")["kv_bytes"]
+    assert int8_kv < 0.7 * full_kv  # int8 codes beside the float16 default
     assert "## niah_single, 640 tokens" in (tmp_path / "longctx.md").read_text()
     assert (tmp_path / "longctx.png").read_bytes()[:4] == b"\x89PNG"

@@ -31,6 +31,9 @@ class KVPolicyConfig:
     decode_interval: int | None = None
     options: dict[str, Any] = field(default_factory=dict)  # the policy's own settings (window, sinks, ...)
     seed: int = 0
+    # merge on evict (D2O, EMS; engine/kv_merge.py): an evicted entry whose key's cosine similarity to its most
+    # similar kept key is at least this is merged into that entry (-1: every evicted entry, as EMS); None: dropped
+    merge_above: float | None = None
 
     def __post_init__(self):
         policy = make_policy(self.name, self.options, self.seed)  # raises on unknown names or options
@@ -44,6 +47,8 @@ class KVPolicyConfig:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.decode_interval is not None and self.decode_interval < 1:
             raise ConfigError(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
+        if self.merge_above is not None and not -1.0 <= self.merge_above <= 1.0:
+            raise ConfigError(f"merge_above is a cosine similarity in [-1, 1], got {self.merge_above!r}")
         if self.decode_interval is not None and policy.reconstructs:
             raise ConfigError(f"KV policy {self.name!r} scores the context once, by repeating it: it cannot compress "
                               "while decoding (leave decode_interval unset)")
@@ -55,7 +60,8 @@ class KVPolicyConfig:
     @property
     def label(self) -> str:
         size = f"{self.budget}" if self.budget is not None else f"{self.keep_ratio:g}x" if self.keep_ratio else "all"
-        return f"{self.name}@{size}" + ("" if self.allocation == "uniform" else f"/{self.allocation}")
+        merge = "" if self.merge_above is None else f"+merge{self.merge_above:g}"
+        return f"{self.name}@{size}" + ("" if self.allocation == "uniform" else f"/{self.allocation}") + merge
 
 
 @dataclass

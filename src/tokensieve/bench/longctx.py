@@ -47,10 +47,18 @@ def build_systems(args, llm, hf_model):
     systems = [OursSystem(llm, KVPolicyConfig("full"), args.query_aware)]
     for ratio in args.selections:
         systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, KVSelectionConfig(ratio=ratio)))
+    merges = [None] if args.merge_above is None else [None, args.merge_above]
     for name in args.policies:
         for ratio in args.keep_ratios:
-            config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation)
-            systems.append(OursSystem(llm, config, args.query_aware))
+            for merge in merges:
+                config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation, merge_above=merge)
+                systems.append(OursSystem(llm, config, args.query_aware))
+    for kv_dtype in args.kv_dtypes:
+        systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, kv_dtype=kv_dtype))
+        for name in args.quantized_policies:
+            for ratio in args.keep_ratios:
+                config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation)
+                systems.append(OursSystem(llm, config, args.query_aware, kv_dtype=kv_dtype))
     if hf_model is not None:
         systems.append(TransformersSystem(hf_model, llm.tokenizer, None, None, args.query_aware))
         for press in args.presses:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import QUANTIZED_KV_BITS
 from ..policies import ALLOCATIONS, POLICIES
 from .longctx_systems import KVPRESS_CLASSES
 from .longctx_tasks import TASKS
@@ -16,8 +17,15 @@ def add_longctx_parser(bench_sub, add_model_options) -> None:
     parser.add_argument("--policies", nargs="*", default=[p for p in POLICIES if p != "full"], choices=list(POLICIES))
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.25, 0.5], help="share of the context kept")
     parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    parser.add_argument("--merge-above", type=float, default=None,
+                        help="also run each policy with merge on evict at this key cosine (D2O; -1: every evicted entry, EMS)")
     parser.add_argument("--selections", type=float, nargs="*", default=[0.125],
                         help="block selection (Quest) over the full cache, attending this share of the entries")
+    parser.add_argument("--kv-dtypes", nargs="*", default=list(QUANTIZED_KV_BITS), choices=list(QUANTIZED_KV_BITS),
+                        help="quantized KV pools run beside the engine's --kv-dtype: the full cache in each, and each of "
+                             "--quantized-policies at each keep ratio")
+    parser.add_argument("--quantized-policies", nargs="*", default=[], choices=list(POLICIES),
+                        help="policies also run over the --kv-dtypes pools (eviction and quantization together)")
     parser.add_argument("--presses", nargs="*", default=list(KVPRESS_CLASSES), choices=list(KVPRESS_CLASSES),
                         help="kvpress presses to run beside ours (when kvpress is installed)")
     parser.add_argument("--query-aware", action="store_true",

@@ -2,7 +2,8 @@
 (compressed by the system's KV method), then the question, then greedy decoding; or, for
 perplexity, score the continuation after the compressed context.
 
-- ours: the tokensieve engine with a KV policy, or with block selection over the full cache;
+- ours: the tokensieve engine with a KV policy, or with block selection over the full cache, in the
+  engine's KV dtype or a quantized one (label "+int8", "+int4");
 - transformers: the same weights with a full DynamicCache (the baseline);
 - kvpress: transformers plus one of kvpress's presses, applied while the context is prefilled.
 """
@@ -57,9 +58,10 @@ def _perplexity(logits: torch.Tensor, targets: list[int]) -> float:
 class OursSystem:
     system = "tokensieve"
 
-    def __init__(self, llm, policy: KVPolicyConfig, query_aware: bool, selection: KVSelectionConfig | None = None):
-        self.llm = llm.with_options(kv_policy=policy, kv_selection=selection)
-        self.label = policy.label if selection is None else selection.label
+    def __init__(self, llm, policy: KVPolicyConfig, query_aware: bool, selection: KVSelectionConfig | None = None,
+                 kv_dtype: str | None = None):
+        self.llm = llm.with_options(kv_policy=policy, kv_selection=selection, kv_dtype=kv_dtype or llm.engine.config.kv_dtype)
+        self.label = (policy.label if selection is None else selection.label) + (f"+{kv_dtype}" if kv_dtype else "")
         self.query_aware = query_aware
 
     def answer(self, case: Case) -> Answer:

@@ -15,6 +15,7 @@ from ..config import KVPolicyConfig
 from ..models.rope import RotaryEmbedding
 from ..policies import EntryView, keep_mask, layer_budgets, make_policy, ratio_budget
 from .block_manager import BlockManager
+from .kv_merge import merge_evicted
 from .kv_pool import KVPool
 from .query_moments import QuerySums, unrotate
 from .sequence import Sequence
@@ -130,6 +131,8 @@ class KVCompressor:
         if self.policy.models_queries:
             view.queries = seq.query_sums.moments(self.rotary, seq.num_processed, self.policy.future_positions)
         keep = keep_mask(self.policy.scores(view), view.lengths, view.budgets, self.config.allocation)
+        if self.config.merge_above is not None:
+            self._merge_evicted(blocks, keep, view.lengths, table)
         source, destination = self.block_manager.compact(table, keep.cpu().numpy())
         self.pool.move(torch.from_numpy(source).to(device), torch.from_numpy(destination).to(device), table)
         if attention is not None:
@@ -141,6 +144,22 @@ class KVCompressor:
         ids = blocks[layer].flatten()
         keys, values = (self.pool.read_blocks(name, ids).view(*blocks.shape[1:], -1, self.pool.head_dim) for name in ("keys", "values"))
         return keys.flatten(1, 2).float(), values.flatten(1, 2).float()
+
+    def _merge_evicted(self, blocks: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor, table) -> None:
+        """Fold each (layer, KV head)'s evicted entries into their most similar kept ones (kv_merge.py)."""
+        size = self.pool.block_size
+        for layer in range(blocks.shape[0]):
+            keys, values = self._stored(blocks, layer)
+            slots, merged_keys, merged_values = [], [], []
+            for head in range(keys.shape[0]):
+                stored = keep[layer, head, : int(lengths[layer, head])]
+                took, head_keys, head_values = merge_evicted(
+                    keys[head], values[head], stored.nonzero().flatten(), (~stored).nonzero().flatten(), self.config.merge_above
+                )
+                slots.append(blocks[layer, head, took // size] * size + took % size)
+                merged_keys.append(head_keys)
+                merged_values.append(head_values)
+            self.pool.overwrite(torch.cat(slots), torch.cat(merged_keys), torch.cat(merged_values), table)
 
     @staticmethod
     def _compact_record(attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

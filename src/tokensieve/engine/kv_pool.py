@@ -90,13 +90,18 @@ class KVPool:
         """Copy the entries at flat slots `source` to `destination` (keys, values and positions), within
         the blocks of `table` (compaction, or the accepted path of a draft)."""
         size = self.block_size
-        moved_keys = self.keys[source // size, :, source % size]
-        self.keys[destination // size, :, destination % size] = moved_keys
+        moved_keys, moved_values = self.keys[source // size, :, source % size], self.values.view(-1, self.head_dim)[source]
+        flat_positions = self.positions.view(-1)
+        flat_positions[destination] = flat_positions[source]
+        self.overwrite(destination, moved_keys, moved_values, table)
+
+    def overwrite(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: BlockTable) -> None:
+        """Replace the keys and values [len(slots), dim] of entries `table` holds at flat `slots`."""
+        size = self.block_size
+        self.keys[slots // size, :, slots % size] = keys.to(self.dtype)
+        self.values.view(-1, self.head_dim)[slots] = values.to(self.dtype)
         if self.key_min is not None:  # the bounds stay bounds (perhaps loose: what left a block still counts)
-            self._widen_bounds(destination, moved_keys)
-        for storage in (self.values, self.positions):
-            flat = storage.view(self.num_blocks * size, -1)
-            flat[destination] = flat[source]
+            self._widen_bounds(slots, keys.to(self.key_min.dtype))
 
     def paged_scores(self, q, block_tables, lengths, scale, row_of_slot, visibility, block_rows) -> torch.Tensor:
         """The native decode kernel's q.k scores over the pool (see paged_attention.cpp)."""

@@ -66,15 +66,19 @@ class QuantizedKVPool(KVPool):
             self._quantize(filled)
 
     def move(self, source: torch.Tensor, destination: torch.Tensor, table: BlockTable) -> None:
-        """Copy entries from `source` to `destination` slots; the destination blocks that are full in `table`
-        (all but a (layer, head)'s last when it is part-full) are quantized again."""
+        """Copy the entries at flat slots `source` to `destination` (keys, values and positions)."""
         keys, values = (self._read_slots(name, source) for name in ("keys", "values"))
         flat_positions = self.positions.view(-1)
         flat_positions[destination] = flat_positions[source]
-        self._write(destination.numpy(), keys.unsqueeze(1), values.unsqueeze(1), fresh=np.empty(0, dtype=np.int64))
+        self.overwrite(destination, keys, values, table)
+
+    def overwrite(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: BlockTable) -> None:
+        """Replace entries through staging; the written blocks that are full in `table` (all but a (layer,
+        head)'s last when it is part-full) are quantized again."""
+        self._write(slots.numpy(), keys.unsqueeze(1), values.unsqueeze(1), fresh=np.empty(0, dtype=np.int64))
         if self.key_min is not None:
-            self._widen_bounds(destination, keys.to(SCALE_DTYPE))
-        written = np.unique(destination.numpy() // self.block_size)
+            self._widen_bounds(slots, keys.to(SCALE_DTYPE))
+        written = np.unique(slots.numpy() // self.block_size)
         self._quantize(written[~np.isin(written, self._part_full_blocks(table))])
 
     def _part_full_blocks(self, table: BlockTable) -> np.ndarray:
