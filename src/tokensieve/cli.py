@@ -45,6 +45,8 @@ def _add_kv_policy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-decode-interval", type=int, default=None, help="also compress every N decode steps")
     parser.add_argument("--kv-merge-above", type=float, default=None,
                         help="merge an evicted entry into its most similar kept one at this key cosine or above (D2O; -1: all)")
+    parser.add_argument("--kv-retrieval-heads", type=float, default=None,
+                        help="this share of the heads, found by a probe, keep every entry (RazorAttention, DuoAttention)")
     parser.add_argument("--kv-select-ratio", type=float, default=None,
                         help="block selection (Quest): decoding attends to this share of the entries, all kept")
 
@@ -72,7 +74,7 @@ def _kv_policy(args):
 
     return KVPolicyConfig(
         args.kv_policy, budget=args.kv_budget, keep_ratio=args.kv_keep_ratio, allocation=args.kv_allocation,
-        decode_interval=args.kv_decode_interval, merge_above=args.kv_merge_above,
+        decode_interval=args.kv_decode_interval, merge_above=args.kv_merge_above, retrieval_heads=args.kv_retrieval_heads,
     )
 
 

@@ -34,6 +34,10 @@ class KVPolicyConfig:
     # merge on evict (D2O, EMS; engine/kv_merge.py): an evicted entry whose key's cosine similarity to its most
     # similar kept key is at least this is merged into that entry (-1: every evicted entry, as EMS); None: dropped
     merge_above: float | None = None
+    # retrieval heads (RazorAttention, DuoAttention; engine/head_probe.py): this share of the (layer, KV head) pairs,
+    # those the probe scores highest, keep every entry; the others share what is left of the budget, and their
+    # evicted entries are summed up in one compensation entry each (None: every head alike)
+    retrieval_heads: float | None = None
 
     def __post_init__(self):
         policy = make_policy(self.name, self.options, self.seed)  # raises on unknown names or options
@@ -47,6 +51,11 @@ class KVPolicyConfig:
             raise ConfigError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
         if self.decode_interval is not None and self.decode_interval < 1:
             raise ConfigError(f"decode_interval must be a positive integer, got {self.decode_interval!r}")
+        if self.retrieval_heads is not None and not 0.0 < self.retrieval_heads < 1.0:
+            raise ConfigError(f"retrieval_heads is a share of the heads in (0, 1), got {self.retrieval_heads!r}")
+        if self.retrieval_heads is not None and self.allocation not in ("uniform", "pyramid"):
+            raise ConfigError(f"retrieval_heads sets each head's budget itself: it needs allocation uniform or pyramid, "
+                              f"not {self.allocation!r}")
         if self.merge_above is not None and not -1.0 <= self.merge_above <= 1.0:
             raise ConfigError(f"merge_above is a cosine similarity in [-1, 1], got {self.merge_above!r}")
         if self.decode_interval is not None and policy.reconstructs:
@@ -61,7 +70,8 @@ class KVPolicyConfig:
     def label(self) -> str:
         size = f"{self.budget}" if self.budget is not None else f"{self.keep_ratio:g}x" if self.keep_ratio else "all"
         merge = "" if self.merge_above is None else f"+merge{self.merge_above:g}"
-        return f"{self.name}@{size}" + ("" if self.allocation == "uniform" else f"/{self.allocation}") + merge
+        heads = "" if self.retrieval_heads is None else f"+heads{self.retrieval_heads:g}"
+        return f"{self.name}@{size}" + ("" if self.allocation == "uniform" else f"/{self.allocation}") + merge + heads
 
 
 @dataclass

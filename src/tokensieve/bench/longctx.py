@@ -47,11 +47,13 @@ def build_systems(args, llm, hf_model):
     systems = [OursSystem(llm, KVPolicyConfig("full"), args.query_aware)]
     for ratio in args.selections:
         systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, KVSelectionConfig(ratio=ratio)))
-    merges = [None] if args.merge_above is None else [None, args.merge_above]
+    variants = [{}] + [{"merge_above": args.merge_above}] * (args.merge_above is not None) + (
+        [{"retrieval_heads": args.retrieval_heads}] * (args.retrieval_heads is not None)
+    )
     for name in args.policies:
         for ratio in args.keep_ratios:
-            for merge in merges:
-                config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation, merge_above=merge)
+            for variant in variants:
+                config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation, **variant)
                 systems.append(OursSystem(llm, config, args.query_aware))
     for kv_dtype in args.kv_dtypes:
         systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, kv_dtype=kv_dtype))

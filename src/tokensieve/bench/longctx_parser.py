@@ -19,6 +19,8 @@ def add_longctx_parser(bench_sub, add_model_options) -> None:
     parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
     parser.add_argument("--merge-above", type=float, default=None,
                         help="also run each policy with merge on evict at this key cosine (D2O; -1: every evicted entry, EMS)")
+    parser.add_argument("--retrieval-heads", type=float, default=None,
+                        help="also run each policy with this share of probed retrieval heads keeping everything (RazorAttention)")
     parser.add_argument("--selections", type=float, nargs="*", default=[0.125],
                         help="block selection (Quest) over the full cache, attending this share of the entries")
     parser.add_argument("--kv-dtypes", nargs="*", default=list(QUANTIZED_KV_BITS), choices=list(QUANTIZED_KV_BITS),

@@ -48,7 +48,7 @@ class ContextRepeat:
             self._turn_end = turn_end(self.tokenizer)
         encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         for token_ids in self.policy.repeat_chunks(seq.token_ids[: seq.compress_len], encode, self._turn_end, chunk_tokens):
-            self.runner.run_discarded(seq, token_ids, observer)
+            self.runner.run_discarded(seq, token_ids, observer, self.policy.observed_queries)
         self.seconds += time.perf_counter() - began
 
     def _room(self) -> int:

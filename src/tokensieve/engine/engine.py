@@ -25,6 +25,7 @@ from .block_manager import BlockManager
 from .context_repeat import ContextRepeat
 from .fairness import make_fairness
 from .kv_compression import KVCompressor
+from .head_probe import HeadProbe, probe_file
 from .kv_pool import KVPool
 from .quantized_kv_pool import QuantizedKVPool
 from .latency_probe import LatencyProbe
@@ -79,6 +80,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, self.block_manager, self.kernels, self.compressor, config.kv_selection)
         if self.compressor is not None and self.compressor.policy.reconstructs:
             self.compressor.reconstruct = ContextRepeat(self.compressor.policy, self.runner, self.block_manager, self.tokenizer)
+        if self.compressor is not None and policy.retrieval_heads is not None:
+            self.compressor.retrieval = self._retrieval_heads(policy.retrieval_heads)
         self.eos_token_ids = set(model_cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -246,6 +249,14 @@ class LLMEngine:
             rows = sum(c.num_tokens for c in schedule.chunks)
             self.speculator.observe_step(len(schedule.chunks), rows - len(schedule.chunks), context, time.perf_counter() - began)
         return outputs
+
+    def _retrieval_heads(self, share: float) -> torch.Tensor:
+        """The `share` of (layer, KV head) pairs the retrieval-head probe scores highest, as a bool mask."""
+        probe = HeadProbe(self.runner, self.block_manager, self.model.config.vocab_size)
+        scores = probe.scores(probe_file((self.model.config, self.config.dtype, self.activations, self.kv_dtype)))
+        chosen = torch.zeros(scores.numel(), dtype=torch.bool)
+        chosen[torch.argsort(scores.flatten(), descending=True, stable=True)[: max(1, round(share * scores.numel()))]] = True
+        return chosen.view_as(scores)
 
     def _make_pool(self, config: EngineConfig, head_dim: int) -> KVPool:
         """The KV pool of self.kv_dtype, as many blocks as kv_cache_bytes holds."""

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..config import KVPolicyConfig
 from ..models.rope import RotaryEmbedding
-from ..policies import EntryView, keep_mask, layer_budgets, make_policy, ratio_budget
+from ..policies import EntryView, keep_mask, layer_budgets, make_policy, ratio_budget, retrieval_budgets
 from .block_manager import BlockManager
 from .kv_merge import merge_evicted
 from .kv_pool import KVPool
@@ -39,6 +39,7 @@ class KVCompressor:
         self.rotary = rotary  # to see queries as they were before RoPE (policies that model them)
         # a reconstructing policy's repeat of a sequence's context, given the observer of its attention
         self.reconstruct: Callable[[Sequence, Callable], None] | None = None
+        self.retrieval: torch.Tensor | None = None  # bool [layers, kv_heads]: heads that keep everything (head_probe.py)
         self.num_compressions = 0
 
     # ---- observation (called from inside the forward) ----------------------------------------
@@ -104,7 +105,10 @@ class KVCompressor:
     def budgets(self, seq: Sequence) -> torch.Tensor:
         mean = self.config.budget or ratio_budget(self.config.keep_ratio, seq.num_processed)
         manager = self.block_manager
-        return layer_budgets(mean, manager.num_layers, manager.num_kv_heads, self.config.allocation)
+        budgets = layer_budgets(mean, manager.num_layers, manager.num_kv_heads, self.config.allocation)
+        if self.retrieval is not None:
+            budgets = retrieval_budgets(budgets, torch.from_numpy(seq.block_table.lengths.copy()), self.retrieval)
+        return budgets
 
     def compress(self, seq: Sequence) -> None:
         """Keep the best entries of every (layer, KV head) under the budget; free the rest's blocks."""
@@ -133,6 +137,8 @@ class KVCompressor:
         keep = keep_mask(self.policy.scores(view), view.lengths, view.budgets, self.config.allocation)
         if self.config.merge_above is not None:
             self._merge_evicted(blocks, keep, view.lengths, table)
+        if self.retrieval is not None:
+            self._compensate(blocks, keep, view.lengths, table)
         source, destination = self.block_manager.compact(table, keep.cpu().numpy())
         self.pool.move(torch.from_numpy(source).to(device), torch.from_numpy(destination).to(device), table)
         if attention is not None:
@@ -160,6 +166,23 @@ class KVCompressor:
                 merged_keys.append(head_keys)
                 merged_values.append(head_values)
             self.pool.overwrite(torch.cat(slots), torch.cat(merged_keys), torch.cat(merged_values), table)
+
+    def _compensate(self, blocks: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor, table) -> None:
+        """RazorAttention's compensation: in each non-retrieval head that evicts, the first evicted entry stays,
+        holding the mean key and value of everything evicted (keep gains it)."""
+        size = self.pool.block_size
+        stored = torch.arange(keep.shape[-1], device=keep.device) < lengths.unsqueeze(-1)
+        evicting = ((stored & ~keep).any(-1) & ~self.retrieval.to(keep.device)).nonzero().tolist()
+        for layer in sorted({layer for layer, _ in evicting}):
+            keys, values = self._stored(blocks, layer)
+            slots, mean_keys, mean_values = [], [], []
+            for head in [h for l, h in evicting if l == layer]:
+                evicted = (stored[layer, head] & ~keep[layer, head]).nonzero().flatten()
+                keep[layer, head, evicted[0]] = True
+                slots.append(blocks[layer, head, evicted[0] // size] * size + evicted[0] % size)
+                mean_keys.append(keys[head, evicted].mean(0))
+                mean_values.append(values[head, evicted].mean(0))
+            self.pool.overwrite(torch.stack(slots), torch.stack(mean_keys), torch.stack(mean_values), table)
 
     @staticmethod
     def _compact_record(attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

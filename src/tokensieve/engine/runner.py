@@ -66,7 +66,8 @@ class ModelRunner:
             if not self._decodes(chunk):
                 query_positions = self._tensor(chunk_positions)
                 query_observer = self.compressor.query_observer(seq, query_positions) if self.compressor else None
-                prefills.append(self._prefill_chunk(seq, start, query_positions, is_first, observer, query_observer))
+                observed = self.compressor.policy.observed_queries if observer else None
+                prefills.append(self._prefill_chunk(seq, start, query_positions, is_first, observer, observed, query_observer))
             start += n
         position_array = np.concatenate(positions)
         num_decode_rows = sum(c.num_tokens for c in decoding)
@@ -74,21 +75,22 @@ class ModelRunner:
         logits = self._forward(token_ids, position_array, np.concatenate(write_slots, axis=1), decode, prefills, logits_rows)
         return logits, list(zip(chunks, row_ranges))
 
-    def run_discarded(self, seq, token_ids: list[int], observer) -> None:
+    def run_discarded(self, seq, token_ids: list[int], observer, observed_queries: int | None = None) -> None:
         """A forward of `token_ids` after everything `seq` has processed, attending to its stored entries and
-        observed by `observer`; their own entries are dropped afterwards (KVzip's repeat of the context)."""
+        observed by `observer` (its last `observed_queries` queries; None: all); their own entries are dropped
+        afterwards (KVzip's repeat of the context, the retrieval-head probe)."""
         n = len(token_ids)
         table = seq.block_table
         self.block_manager.reserve(table, n)
         write_slots = table.append_slots(n)
         positions = np.arange(seq.num_processed, seq.num_processed + n)
-        chunk = self._prefill_chunk(seq, 0, self._tensor(positions), False, observer, None)
+        chunk = self._prefill_chunk(seq, 0, self._tensor(positions), False, observer, observed_queries, None)
         try:
             self._forward(token_ids, positions, write_slots, None, [chunk], [])
         finally:
             self.block_manager.keep_appended(table, n, np.empty(0, dtype=np.int64))
 
-    def _prefill_chunk(self, seq, start: int, query_positions: torch.Tensor, is_first: bool, observer, query_observer):
+    def _prefill_chunk(self, seq, start: int, query_positions: torch.Tensor, is_first: bool, observer, observed_queries, query_observer):
         """The PrefillChunk of `seq`'s tokens at rows start.. of the batch, its entries already appended."""
         table = seq.block_table
         return PrefillChunk(
@@ -98,7 +100,7 @@ class ModelRunner:
             query_positions=query_positions,
             is_first=is_first,
             observer=observer,
-            observed_queries=self.compressor.policy.observed_queries if observer else None,
+            observed_queries=observed_queries,
             query_observer=query_observer,
         )
 

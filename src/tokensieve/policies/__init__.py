@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from .accumulated import A2SF, H2O, Keyformer
 from .base import EntryView, KVPolicy, QueryMoments
-from .budget import ALLOCATIONS, keep_mask, layer_budgets, ratio_budget
+from .budget import ALLOCATIONS, keep_mask, layer_budgets, ratio_budget, retrieval_budgets
 from .entries import ExpectedAttention, KeyDiff
 from .kvzip import KVzip
 from .observation import TOVA, SnapKV

@@ -21,6 +21,14 @@ def layer_budgets(mean_budget: int, num_layers: int, num_kv_heads: int, allocati
     return per_layer.clamp_(min=1).unsqueeze(1).expand(num_layers, num_kv_heads).contiguous()
 
 
+def retrieval_budgets(budgets: torch.Tensor, lengths: torch.Tensor, retrieval: torch.Tensor) -> torch.Tensor:
+    """Budgets [layers, kv_heads] with the same total: the retrieval heads (bool [layers, kv_heads]) keep
+    every entry, the others share what is left evenly (at least one entry each)."""
+    others = int((~retrieval).sum())
+    left = int(budgets.sum()) - int(lengths[retrieval].sum())
+    return torch.where(retrieval, lengths, torch.full_like(lengths, max(1, left // max(others, 1))))
+
+
 def _rank(scores: torch.Tensor) -> torch.Tensor:
     """Rank of every element along the last dim (0 = best score; ties go to the older entry)."""
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
