@@ -10,6 +10,7 @@ from tokensieve import KVSelectionConfig, SamplingParams
 from tokensieve.engine.attention import PagedAttention
 from tokensieve.engine.block_selection import block_bounds, select_blocks
 from tokensieve.engine.kv_pool import KVPool
+from tokensieve.engine.selection_cache import Choice, SelectionCache
 from tokensieve.errors import ConfigError
 from tokensieve.kernels import native_kernels
 
@@ -156,3 +157,30 @@ def test_a_small_budget_reads_a_fraction_of_the_entries_and_frees_everything(llm
     pool = selecting.engine.pool  # the bounds are allocated memory too, and reported as such
     assert pool.bytes_per_block == llm.engine.pool.bytes_per_block + 2 * pool.head_dim * pool.keys.element_size()
     assert_pool_empty(selecting)
+
+
+def test_a_choice_is_reusable_only_for_a_similar_query_over_the_same_blocks():
+    query = torch.randn(3, 3, 64)
+    cache = SelectionCache()
+    cache.choices[5] = Choice(query, torch.tensor([[0, 2, 3]] * 3), torch.tensor([40] * 3), torch.tensor([60] * 3),
+                              torch.tensor([3] * 3), version=7)
+    budget = torch.tensor([3] * 3)
+    assert cache.reusable(5, query + 0.01 * torch.randn(3, 3, 64), budget, 7, 0.9) is cache.choices[5]
+    assert cache.reusable(5, -query, budget, 7, 0.9) is None  # the query turned away
+    assert cache.reusable(5, query, budget, 8, 0.9) is None  # a block was added, dropped or moved since
+    assert cache.reusable(5, query, budget + 1, 7, 0.9) is None  # the budget grew
+    assert cache.reusable(4, query, budget, 7, 0.9) is None  # another layer never chose
+
+
+def test_reusing_choices_while_queries_stay_similar_skips_choosing_and_covers_all_blocks_exactly(llm):
+    prompt = {"prompt_token_ids": llm.encode("The harbour town kept its old lighthouse. " * 60)}
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    always = llm.with_options(kv_selection=KVSelectionConfig(ratio=0.125, reuse_above=-1.0))
+    out = always.generate(prompt, params)[0]
+    stats = always.engine.stats()
+    selecting_layers = 30 - 2
+    # reuse whenever the blocks are unchanged: choosing again only after a block is added (every 16 steps)
+    assert selecting_layers * 18 <= stats["reused_block_choices"] <= selecting_layers * 22 and len(out.token_ids) == 24
+    every_block = llm.with_options(kv_selection=KVSelectionConfig(ratio=1.0, reuse_above=-1.0))
+    assert every_block.generate(prompt, params)[0].token_ids == llm.generate(prompt, params)[0].token_ids
+    assert_pool_empty(always)

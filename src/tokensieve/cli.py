@@ -17,8 +17,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activations", default="auto", choices=["auto", "int8", "float32"],
                         help="int8: round what enters a Q4/Q8 matmul to int8 per 32 values (faster, ~0.1-1%% error per "
                              "matmul); float32: the reference mode; auto (default): int8 where it applies")
-    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="what the KV cache stores (auto: float16 with int8 activations, else the model's dtype)")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8", "int4"],
+                        help="what the KV cache stores (auto: float16 with int8 activations, else the model's dtype; "
+                             "int8, int4: quantized blocks, KIVI)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 

@@ -81,12 +81,16 @@ class KVSelectionConfig:
     (rounded up to whole blocks) or `ratio` of what the head holds; the first `dense_layers` layers attend
     to everything (as Quest does). With `selection_layers` (TidalDecode), only those layers choose; each
     later layer attends to the blocks at the places the last of them chose (the same positions in every
-    layer while no policy has evicted; otherwise every layer chooses for itself)."""
+    layer while no policy has evicted; otherwise every layer chooses for itself). With `reuse_above`
+    (TokenSelect), a layer keeps its choice for later queries that stay similar."""
 
     budget: int | None = None
     ratio: float | None = None
     dense_layers: int = 2
     selection_layers: tuple[int, ...] | None = None
+    # TokenSelect: a layer reuses the blocks it chose for an earlier query of the sequence while the new query's
+    # cosine similarity to that one is at least this and the sequence's blocks are unchanged (None: choose every step)
+    reuse_above: float | None = None
 
     def __post_init__(self):
         if (self.budget is None) == (self.ratio is None):
@@ -97,6 +101,8 @@ class KVSelectionConfig:
             raise ConfigError(f"selection ratio must be in (0, 1], got {self.ratio!r}")
         if not isinstance(self.dense_layers, int) or self.dense_layers < 0:
             raise ConfigError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
+        if self.reuse_above is not None and not -1.0 <= self.reuse_above <= 1.0:
+            raise ConfigError(f"reuse_above is a cosine similarity in [-1, 1], got {self.reuse_above!r}")
         if self.selection_layers is not None:
             self.selection_layers = tuple(self.selection_layers)
             if not self.selection_layers or min(self.selection_layers) != self.dense_layers:
@@ -114,7 +120,8 @@ class KVSelectionConfig:
 
     @property
     def label(self) -> str:
-        return f"quest@{self.budget}" if self.budget is not None else f"quest@{self.ratio:g}x"
+        size = f"quest@{self.budget}" if self.budget is not None else f"quest@{self.ratio:g}x"
+        return size + ("" if self.reuse_above is None else f"+reuse{self.reuse_above:g}")
 
 
 DRAFTERS = ("lookup", "recycling", "lookahead")

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ..config import KVSelectionConfig
 from .block_selection import block_bounds, select_blocks
 from .kv_pool import KVPool
+from .selection_cache import Choice
 
 
 # observer(layer, logits [kv_heads, group, queries, entries], first query, observed queries this forward)
@@ -54,6 +55,7 @@ class DecodeGroup:
     observers: dict[int, Observer] = field(default_factory=dict)  # by sequence: who records its first slot's attention
     block_visibility: torch.Tensor | None = None  # bool [seqs, slots, slots]: slot s sees its block's entry t
     block_rows: torch.Tensor | None = None  # [seqs]: entries of each sequence's block (the last of each head)
+    selection_caches: list | None = None  # per sequence: (its SelectionCache, its block table's version), with reuse
 
     @property
     def num_rows(self) -> int:
@@ -122,6 +124,7 @@ class PagedAttention:
         if self.selection is not None:  # blocks each (layer, sequence, KV head) attends to, for all layers at once
             self._budget_blocks = self.selection.budget_blocks(decode.lengths, pool.block_size)
         self.selected_lengths: list[torch.Tensor] = []  # the entries decoding attended to, per selected layer
+        self.reused_choices = 0  # selecting layers that reused an earlier choice (TokenSelect)
         self._chosen: tuple[torch.Tensor, torch.Tensor] | None = None  # places and lengths a selection layer chose
         self._shared_decode_mask = None
         if decode is not None and decode.layers_aligned and self.kernels is None and self.selection is None:
@@ -222,20 +225,50 @@ class PagedAttention:
             places, selected_lengths = self._chosen
             selected = torch.gather(tables, -1, places)
         else:
-            pool = self.pool
-            budget = self._budget_blocks[layer]
-            if self.kernels is not None:
-                selected, selected_lengths, places = self.kernels.select_blocks(
-                    q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size
-                )
-            else:
-                grouped_q = q.view(tables.shape[0], tables.shape[1], -1, q.shape[-1])
-                bounds = block_bounds(grouped_q, pool.key_min[tables], pool.key_max[tables])
-                selected, selected_lengths, places = select_blocks(bounds, tables, lengths, budget, pool.block_size)
+            reused = self._reused_choice(layer, q, tables, lengths)
+            self.reused_choices += reused is not None
+            selected, selected_lengths, places = reused or self._choose(layer, q, tables, lengths)
             if selection.selection_layers is not None and self.decode.layers_aligned:  # a place is the same positions in every layer
                 self._chosen = places, selected_lengths
         self.selected_lengths.append(selected_lengths)
         return selected, selected_lengths
+
+    def _choose(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor):
+        """Quest's choice for every decoding sequence: (block tables, lengths, places) of the chosen blocks;
+        remembered per sequence when choices are reused."""
+        pool = self.pool
+        budget = self._budget_blocks[layer]
+        if self.kernels is not None:
+            selected, selected_lengths, places = self.kernels.select_blocks(
+                q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size
+            )
+        else:
+            bounds = block_bounds(self._per_sequence(q, tables), pool.key_min[tables], pool.key_max[tables])
+            selected, selected_lengths, places = select_blocks(bounds, tables, lengths, budget, pool.block_size)
+        if self.decode.selection_caches is not None:
+            for seq, (cache, version) in enumerate(self.decode.selection_caches):
+                cache.choices[layer] = Choice(self._per_sequence(q, tables)[seq].clone(), places[seq], selected_lengths[seq],
+                                              lengths[seq].clone(), budget[seq], version)
+        return selected, selected_lengths, places
+
+    def _reused_choice(self, layer: int, q: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor):
+        """TokenSelect: the blocks every decoding sequence chose for an earlier, similar query (None if one
+        of them must choose again; then all do). The chosen blocks' entries grew with the last block's."""
+        if self.decode.selection_caches is None:
+            return None
+        queries, budget = self._per_sequence(q, tables), self._budget_blocks[layer]
+        choices = [cache.reusable(layer, queries[seq], budget[seq], version, self.selection.reuse_above)
+                   for seq, (cache, version) in enumerate(self.decode.selection_caches)]
+        if any(choice is None for choice in choices) or len({c.places.shape for c in choices}) > 1:
+            return None
+        places = torch.stack([c.places for c in choices])
+        grown = lengths - torch.stack([c.lengths for c in choices])
+        return torch.gather(tables, -1, places), torch.stack([c.selected_lengths for c in choices]) + grown, places
+
+    @staticmethod
+    def _per_sequence(q: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Decoding queries [seqs, heads, dim] as [seqs, kv_heads, group, dim]."""
+        return q.view(tables.shape[0], tables.shape[1], -1, q.shape[-1])
 
     def _attend_decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:

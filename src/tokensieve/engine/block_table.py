@@ -17,6 +17,7 @@ class BlockTable:
         self.lengths = np.zeros((num_layers, num_kv_heads), dtype=np.int64)  # stored entries
         self.compacted = False  # a policy chose entries per (layer, head): entry i may differ between layers
         self.cached: list = []  # CachedBlocks behind the first logical blocks: shared, never written
+        self.version = 0  # changes whenever blocks are added or dropped, or entries move (not on appends)
 
     def blocks_needed(self, num_new: int) -> np.ndarray:
         """Blocks each (layer, head) must gain to store `num_new` more entries."""
@@ -38,6 +39,7 @@ class BlockTable:
         slot = self.num_blocks[layer_idx, head_idx][pair] + offset_in_pair
         self.blocks[layer_idx[pair], head_idx[pair], slot] = np.asarray(block_ids, dtype=np.int64)
         self.num_blocks = new_total
+        self.version += 1
 
     def append_slots(self, num_new: int) -> np.ndarray:
         """Claim the next `num_new` entries of every (layer, head); returns their flat slots [layers, num_new, heads]."""
@@ -87,6 +89,7 @@ class BlockTable:
         index = np.arange(self.blocks.shape[2])
         freed = self.blocks[(index >= new_num_blocks[..., None]) & (index < self.num_blocks[..., None])].tolist()
         self.lengths, self.num_blocks = lengths, new_num_blocks
+        self.version += 1
         return freed
 
     def layers_aligned(self) -> bool:
@@ -104,6 +107,7 @@ class BlockTable:
         self.lengths[:] = 0
         self.compacted = False
         self.cached = []
+        self.version += 1
 
     def padded_blocks(self, width: int) -> np.ndarray:
         """Block ids [layers, heads, width], padded with block 0 (masked out by the lengths)."""

@@ -383,5 +383,6 @@ class LLMEngine:
             "preemptions": scheduler.num_preemptions,
             "selected_decode_entries": self.runner.attended_entries,
             "stored_decode_entries": self.runner.stored_entries,
+            "reused_block_choices": self.runner.reused_choices,
             **self.counts,
         }

@@ -11,6 +11,7 @@ from .attention import DecodeGroup, PagedAttention, PrefillChunk
 from .block_manager import BlockManager
 from .kv_compression import KVCompressor
 from .kv_pool import KVPool
+from .selection_cache import SelectionCache
 from .scheduler import ScheduledChunk
 
 
@@ -25,6 +26,7 @@ class ModelRunner:
         self.selection = selection  # decoding attends to selected blocks only
         # over every decode forward with selection: entries attended and entries held, in the selected layers
         self.attended_entries = self.stored_entries = 0
+        self.reused_choices = 0  # (layer, decode forward) pairs that reused an earlier block choice (TokenSelect)
         self.kernels = kernels
         self.compressor = compressor  # records attention for the KV policy when it asks
         self.device = pool.device
@@ -126,6 +128,7 @@ class ModelRunner:
         if attention.selected_lengths:
             self.attended_entries += int(torch.stack(attention.selected_lengths).sum())
             self.stored_entries += int(decode.lengths[self.selection.dense_layers :].sum())
+            self.reused_choices += attention.reused_choices
         return logits
 
     @staticmethod
@@ -158,11 +161,16 @@ class ModelRunner:
             seq_of_row = np.repeat(np.arange(len(chunks)), rows)
             slot_of_row = self._tensor(seq_of_row * slots + np.arange(rows.sum()) - first_row[seq_of_row])
             visibility = self._tensor(self._block_visibility(chunks, slots))
-        return DecodeGroup(
+        group = DecodeGroup(
             self._tensor(tables), self._tensor(lengths), self._tensor(query_positions[row_of_slot]),
             self._tensor(row_of_slot), slot_of_row, aligned, observers,
             visibility, self._tensor(rows) if visibility is not None else None,
         )
+        if self.selection is not None and self.selection.reuse_above is not None:
+            for seq in seqs:
+                seq.selection_cache = seq.selection_cache or SelectionCache()
+            group.selection_caches = [(s.selection_cache, s.block_table.version) for s in seqs]
+        return group
 
     @staticmethod
     def _block_visibility(chunks: list[ScheduledChunk], slots: int) -> np.ndarray:

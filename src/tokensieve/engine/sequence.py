@@ -36,6 +36,7 @@ class Sequence:
     kv_attention: list[Any] | None = None  # per layer: attention each stored entry received, if the policy asks
     query_sums: Any = None  # QuerySums of the compressed prompt's queries, if the policy models queries
     forwards_since_compression: int = 0
+    selection_cache: Any = None  # TokenSelect's SelectionCache, when decoding reuses block selections
     speculates: bool = False
     draft: Any = None  # the VerificationBlock of the next forward, when speculating
     drafter_state: dict = field(default_factory=dict)  # each drafter's memory of this sequence
