@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokensieve import KVPolicyConfig, SamplingParams, SpeculativeConfig
+from tokensieve.config import EngineConfig
 from tokensieve.engine.block_table import BlockTable
 from tokensieve.engine.kv_quantization import dequantize, quantize
 from tokensieve.engine.quantized_kv_pool import QuantizedKVPool
@@ -89,6 +90,20 @@ def test_moving_entries_into_a_quantized_block_requantizes_it_and_keeps_the_othe
     assert pool.num_staged == 1 and torch.equal(pool.read_blocks("values", torch.tensor([1]))[0, 4], pool.read_blocks("values", torch.tensor([2]))[0, 4])
 
 
+def test_entries_moved_out_of_a_block_handed_back_first_arrive_intact():
+    """Compaction hands freed blocks back before the move reads the entries they held: a part-full block's
+    staging must still be readable then."""
+    torch.manual_seed(4)
+    pool = _pool(8)
+    keys, values = torch.randn(21, 1, 32), torch.randn(21, 1, 32)
+    pool.store(torch.arange(16, 37).view(-1, 1), keys, values)  # block 1 full (codes), block 2 holds 5 in staging
+    pool.release([2])
+    pool.move(torch.arange(32, 37), torch.arange(24, 29), _table([1], 13))  # keep 8 of block 1, then block 2's 5
+    assert torch.equal(pool.read_blocks("keys", torch.tensor([1]))[0, 8:13], keys[16:, 0])
+    assert torch.equal(pool.read_blocks("values", torch.tensor([1]))[0, 8:13], values[16:, 0])
+    assert pool.num_staged == 1  # block 1 is part-full now; block 2's staging block is free
+
+
 @pytest.mark.skipif(native_kernels() is None, reason="needs the native kernels")
 @pytest.mark.parametrize("bits", BITS)
 def test_the_decode_kernels_read_codes_and_staging_as_attention_over_the_dequantized_entries(bits):
@@ -121,6 +136,8 @@ def test_the_decode_kernels_read_codes_and_staging_as_attention_over_the_dequant
 def test_an_unknown_kv_dtype_names_the_choices(llm):
     with pytest.raises(ConfigError, match="int8, int4"):
         llm.with_options(kv_dtype="int3")
+    with pytest.raises(ConfigError, match="CPU"):
+        EngineConfig(kv_dtype="int8", device="cuda")
 
 
 PROMPTS = [
@@ -163,6 +180,13 @@ def test_policies_compress_a_quantized_pool_and_free_its_blocks_and_staging(llm,
     assert len(out.token_ids) == 24 and compressed.engine.compressor.num_compressions >= 2
     assert_pool_empty(compressed)
     assert compressed.engine.pool.num_staged == 0
+
+
+def test_an_evicting_policy_over_int8_keeps_what_it_keeps_over_float32(llm):
+    prompt = {"prompt_token_ids": llm.encode("The harbour town kept its old lighthouse by the grey sea. " * 30)}
+    policy = KVPolicyConfig("streaming_llm", budget=64, decode_interval=8)
+    outputs = [llm.with_options(kv_dtype=kv, kv_policy=policy).generate(prompt, GREEDY)[0].token_ids for kv in ("float32", "int8")]
+    assert outputs[0] == outputs[1]
 
 
 def test_an_unlimited_budget_on_a_quantized_pool_reproduces_its_full_cache(llm):

@@ -214,6 +214,8 @@ class EngineConfig:
             raise ConfigError(
                 f"kv_dtype must be auto or one of {', '.join([*DTYPES, *QUANTIZED_KV_BITS])}, got {self.kv_dtype!r}"
             )
+        if self.kv_dtype in QUANTIZED_KV_BITS and torch.device(self.device).type != "cpu":
+            raise ConfigError(f"kv_dtype={self.kv_dtype!r} runs on the CPU for now, not on {self.device!r}: use a float kv_dtype there")
         if self.activations not in ACTIVATIONS:
             raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.activations == "int8" and not self.wants_native_kernels:

@@ -15,8 +15,12 @@ A KV policy that needs attention gets it through an observer: after attending, t
 logits of the observed queries over the sequence's stored entries are handed to it, per layer.
 
 With block selection (Quest), a decoding query attends only to the blocks of each (layer, KV head)
-that block_selection.py picks; rows verifying a draft tree, and sequences whose attention a policy
+that block_selection.py picks (or, with TokenSelect's reuse, that it picked for an earlier similar
+query: selection_cache.py); rows verifying a draft tree, and sequences whose attention a policy
 observes, attend to everything.
+
+The pool may hold quantized blocks (quantized_kv_pool.py): decoding reads them in place through the
+native kernels, prefill and policies read them dequantized.
 """
 
 from __future__ import annotations

@@ -117,8 +117,12 @@ class KVCompressor:
         device = self.pool.device
         lengths = torch.from_numpy(table.lengths.copy())
         budgets = self.budgets(seq)
-        adaptive = self.config.allocation == "adaptive"
-        over = (lengths.sum(-1) > budgets.sum(-1)) if adaptive else (lengths > budgets)
+        if self.config.allocation == "global":  # over budget: every head together, a layer's heads, or a head
+            over = lengths.sum() > budgets.sum()
+        elif self.config.allocation == "adaptive":
+            over = lengths.sum(-1) > budgets.sum(-1)
+        else:
+            over = lengths > budgets
         if not bool(over.any()):
             return
         blocks = torch.from_numpy(table.padded_blocks(int(table.num_blocks.max()))).to(device)

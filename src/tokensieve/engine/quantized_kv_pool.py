@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from .block_table import BlockTable
 from .kv_pool import KVPool, _lazy_zeros
 from .kv_quantization import SCALE_DTYPE, dequantize, quantize
@@ -28,7 +27,7 @@ class QuantizedKVPool(KVPool):
     ):
         self.bits = bits
         self.value_group = value_group if head_dim % value_group == 0 else head_dim
-        self.dtype = torch.uint8
+        self.dtype = torch.uint8  # the codes' (read_blocks gives float32)
         byte_entries, byte_dims = block_size * bits // 8, head_dim * bits // 8
         self.key_codes = _lazy_zeros((num_blocks, head_dim, byte_entries), torch.uint8, device)
         self.key_scale = _lazy_zeros((num_blocks, head_dim, 1), SCALE_DTYPE, device)
@@ -37,8 +36,6 @@ class QuantizedKVPool(KVPool):
         self.value_codes = _lazy_zeros((num_blocks, block_size, byte_dims), torch.uint8, device)
         self.value_scale = _lazy_zeros((num_blocks, block_size, groups), SCALE_DTYPE, device)
         self.value_zero = _lazy_zeros((num_blocks, block_size, groups), SCALE_DTYPE, device)
-        if device.type != "cpu":
-            raise ConfigError(f"kv_dtype='int{bits}' runs on the CPU for now, not on {device}: use a float kv_dtype there")
         native = block_size == 16 and head_dim % 16 == 0
         self._init_bookkeeping(num_blocks, block_size, head_dim, device, kernels if native else None, key_bounds, SCALE_DTYPE)
         # a block's staging block, or -1 (numpy for the bookkeeping of every write, the tensor for the kernels)
@@ -47,15 +44,21 @@ class QuantizedKVPool(KVPool):
         self.staging = KVPool(INITIAL_STAGING_BLOCKS, block_size, head_dim, torch.float32, device, kernels)
         self._free_staging: list[int] = list(range(INITIAL_STAGING_BLOCKS - 1, -1, -1))  # lowest first: pages reused
         self.staging_high_water = 0  # most staging blocks held at once: the staging pages ever written
+        # blocks just handed back, their staging blocks still readable: compaction frees blocks before the move
+        # that reads their entries; freed at the next write
+        self._released_of = np.full(num_blocks, -1, dtype=np.int64)
+        self._released: list[int] = []
 
     @property
     def num_staged(self) -> int:
-        return self.staging.num_blocks - len(self._free_staging)
+        """Staging blocks holding the entries of blocks being filled."""
+        return self.staging.num_blocks - len(self._free_staging) - len(self._released)
 
     # ---- writing ------------------------------------------------------------------------------------
     def store(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys and values [tokens, kv_heads, dim] at flat slots [tokens, kv_heads]; the blocks whose
         last entry this writes are full (blocks fill in order) and are quantized."""
+        self._free_released()
         if self.key_min is not None:
             self._bound_new_keys(slots.reshape(-1), keys)
         flat = slots.reshape(-1).numpy()
@@ -68,6 +71,7 @@ class QuantizedKVPool(KVPool):
     def move(self, source: torch.Tensor, destination: torch.Tensor, table: BlockTable) -> None:
         """Copy the entries at flat slots `source` to `destination` (keys, values and positions)."""
         keys, values = (self._read_slots(name, source) for name in ("keys", "values"))
+        self._free_released()
         flat_positions = self.positions.view(-1)
         flat_positions[destination] = flat_positions[source]
         self.overwrite(destination, keys, values, table)
@@ -138,9 +142,20 @@ class QuantizedKVPool(KVPool):
         self._staging_of[blocks] = -1
 
     def release(self, block_ids: list[int]) -> None:
-        """Blocks handed back to the pool: their staging blocks are free (their entries are dropped)."""
+        """Blocks handed back to the pool: their staging blocks are free, once the move that may follow (of
+        entries they held, into kept blocks) has read them."""
+        self._free_released()
         blocks = np.asarray(block_ids, dtype=np.int64)
-        self._unstage(blocks[self._staging_of[blocks] >= 0])
+        blocks = blocks[self._staging_of[blocks] >= 0]
+        self._released_of[blocks] = self._staging_of[blocks]
+        self._released = blocks.tolist()
+        self._staging_of[blocks] = -1
+
+    def _free_released(self) -> None:
+        if self._released:
+            self._free_staging.extend(self._released_of[self._released].tolist())
+            self._released_of[self._released] = -1
+            self._released = []
 
     # ---- reading ------------------------------------------------------------------------------------
     @property
@@ -155,7 +170,10 @@ class QuantizedKVPool(KVPool):
 
     def read_blocks(self, name: str, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         read = self._dequantized(name, ids)
-        staged = self.staging_of[ids]
+        staged = self._staging_of[ids.numpy()]
+        if self._released:
+            staged = np.where(staged >= 0, staged, self._released_of[ids.numpy()])
+        staged = torch.from_numpy(staged)
         in_staging = staged >= 0
         read[in_staging] = self.staging.entry_major(name)[staged[in_staging]]
         return read if out is None else out.copy_(read)

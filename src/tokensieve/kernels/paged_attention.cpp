@@ -81,7 +81,7 @@ inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_s
 #endif
 
 // A run of entries of one block of a float pool: keys dimension-major (row(d): dim d of the run's
-// entries, `block_size` elements apart), values entry-major (load(e, d): dims d..d+15 of entry e).
+// entries, `block_size` elements apart), values entry-major (load_entry(e): entry e's vectors).
 template <typename T>
 struct PoolKeys {
   const T* p;
