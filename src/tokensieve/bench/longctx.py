@@ -59,8 +59,9 @@ def build_systems(args, llm, hf_model):
         systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, kv_dtype=kv_dtype))
         for name in args.quantized_policies:
             for ratio in args.keep_ratios:
-                config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation)
-                systems.append(OursSystem(llm, config, args.query_aware, kv_dtype=kv_dtype))
+                for variant in variants:
+                    config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation, **variant)
+                    systems.append(OursSystem(llm, config, args.query_aware, kv_dtype=kv_dtype))
     if hf_model is not None:
         systems.append(TransformersSystem(hf_model, llm.tokenizer, None, None, args.query_aware))
         for press in args.presses:

@@ -27,7 +27,8 @@ def add_longctx_parser(bench_sub, add_model_options) -> None:
                         help="quantized KV pools run beside the engine's --kv-dtype: the full cache in each, and each of "
                              "--quantized-policies at each keep ratio")
     parser.add_argument("--quantized-policies", nargs="*", default=[], choices=list(POLICIES),
-                        help="policies also run over the --kv-dtypes pools (eviction and quantization together)")
+                        help="policies also run over the --kv-dtypes pools (eviction and quantization together), "
+                             "with the --merge-above and --retrieval-heads variants too")
     parser.add_argument("--presses", nargs="*", default=list(KVPRESS_CLASSES), choices=list(KVPRESS_CLASSES),
                         help="kvpress presses to run beside ours (when kvpress is installed)")
     parser.add_argument("--query-aware", action="store_true",

@@ -24,12 +24,12 @@ from ..weights import load_model, load_tokenizer
 from .block_manager import BlockManager
 from .context_repeat import ContextRepeat
 from .fairness import make_fairness
-from .kv_compression import KVCompressor
 from .head_probe import HeadProbe, probe_file
+from .kv_compression import KVCompressor
 from .kv_pool import KVPool
-from .quantized_kv_pool import QuantizedKVPool
 from .latency_probe import LatencyProbe
 from .output_text import OutputText
+from .quantized_kv_pool import QuantizedKVPool
 from .runner import ModelRunner
 from .sampler import sample_tokens
 from .scheduler import ScheduledChunk, Scheduler
@@ -69,7 +69,7 @@ class LLMEngine:
                         "entries in each (layer, head) than a block key names", policy.name)
         self.block_manager = BlockManager(
             self.pool.num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads,
-            config.prefix_caching and not evicts, 
+            config.prefix_caching and not evicts,
             on_release=self.pool.release if isinstance(self.pool, QuantizedKVPool) else None,
         )
         self.scheduler = Scheduler(

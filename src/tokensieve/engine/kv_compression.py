@@ -151,13 +151,17 @@ class KVCompressor:
 
     def _stored(self, blocks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values [kv_heads, entries, dim] in `blocks` [layers, kv_heads, blocks] of `layer`, as float32."""
-        ids = blocks[layer].flatten()
-        keys, values = (self.pool.read_blocks(name, ids).view(*blocks.shape[1:], -1, self.pool.head_dim) for name in ("keys", "values"))
-        return keys.flatten(1, 2).float(), values.flatten(1, 2).float()
+        read = (self.pool.read_blocks(name, blocks[layer].flatten()) for name in ("keys", "values"))
+        keys, values = (entries.view(blocks.shape[1], -1, self.pool.head_dim).float() for entries in read)
+        return keys, values
+
+    def _slots(self, blocks: torch.Tensor, layer: int, head: int, entries: torch.Tensor) -> torch.Tensor:
+        """Flat pool slots of a (layer, head)'s entries."""
+        size = self.pool.block_size
+        return blocks[layer, head, entries // size] * size + entries % size
 
     def _merge_evicted(self, blocks: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor, table) -> None:
         """Fold each (layer, KV head)'s evicted entries into their most similar kept ones (kv_merge.py)."""
-        size = self.pool.block_size
         for layer in range(blocks.shape[0]):
             keys, values = self._stored(blocks, layer)
             slots, merged_keys, merged_values = [], [], []
@@ -166,7 +170,7 @@ class KVCompressor:
                 took, head_keys, head_values = merge_evicted(
                     keys[head], values[head], stored.nonzero().flatten(), (~stored).nonzero().flatten(), self.config.merge_above
                 )
-                slots.append(blocks[layer, head, took // size] * size + took % size)
+                slots.append(self._slots(blocks, layer, head, took))
                 merged_keys.append(head_keys)
                 merged_values.append(head_values)
             self.pool.overwrite(torch.cat(slots), torch.cat(merged_keys), torch.cat(merged_values), table)
@@ -174,7 +178,6 @@ class KVCompressor:
     def _compensate(self, blocks: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor, table) -> None:
         """RazorAttention's compensation: in each non-retrieval head that evicts, the first evicted entry stays,
         holding the mean key and value of everything evicted (keep gains it)."""
-        size = self.pool.block_size
         stored = torch.arange(keep.shape[-1], device=keep.device) < lengths.unsqueeze(-1)
         evicting = ((stored & ~keep).any(-1) & ~self.retrieval.to(keep.device)).nonzero().tolist()
         for layer in sorted({layer for layer, _ in evicting}):
@@ -183,10 +186,10 @@ class KVCompressor:
             for head in [h for l, h in evicting if l == layer]:
                 evicted = (stored[layer, head] & ~keep[layer, head]).nonzero().flatten()
                 keep[layer, head, evicted[0]] = True
-                slots.append(blocks[layer, head, evicted[0] // size] * size + evicted[0] % size)
+                slots.append(self._slots(blocks, layer, head, evicted[:1]))
                 mean_keys.append(keys[head, evicted].mean(0))
                 mean_values.append(values[head, evicted].mean(0))
-            self.pool.overwrite(torch.stack(slots), torch.stack(mean_keys), torch.stack(mean_values), table)
+            self.pool.overwrite(torch.cat(slots), torch.stack(mean_keys), torch.stack(mean_values), table)
 
     @staticmethod
     def _compact_record(attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

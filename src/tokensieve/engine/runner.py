@@ -11,8 +11,8 @@ from .attention import DecodeGroup, PagedAttention, PrefillChunk
 from .block_manager import BlockManager
 from .kv_compression import KVCompressor
 from .kv_pool import KVPool
-from .selection_cache import SelectionCache
 from .scheduler import ScheduledChunk
+from .selection_cache import SelectionCache
 
 
 class ModelRunner:
@@ -92,7 +92,9 @@ class ModelRunner:
         finally:
             self.block_manager.keep_appended(table, n, np.empty(0, dtype=np.int64))
 
-    def _prefill_chunk(self, seq, start: int, query_positions: torch.Tensor, is_first: bool, observer, observed_queries, query_observer):
+    def _prefill_chunk(
+        self, seq, start: int, query_positions: torch.Tensor, is_first: bool, observer, observed_queries, query_observer
+    ):
         """The PrefillChunk of `seq`'s tokens at rows start.. of the batch, its entries already appended."""
         table = seq.block_table
         return PrefillChunk(
