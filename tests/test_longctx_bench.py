@@ -2,11 +2,12 @@
 Pareto front, and a small end-to-end run that writes JSON, Markdown and a PNG."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from tokensieve.bench.longctx_report import pareto_front
-from tokensieve.bench.longctx_systems import Answer, score
+from tokensieve.bench.longctx_systems import KVPRESS_CLASSES, KVPRESSES, Answer, make_press, score
 from tokensieve.bench.longctx_tasks import PERPLEXITY_TOKENS, TASKS, Case, CaseMaker
 from tokensieve.cli import main
 
@@ -65,3 +66,18 @@ def test_bench_longctx_end_to_end_writes_json_markdown_and_plot(tmp_path):
     assert int8_kv < 0.7 * full_kv  # int8 codes beside the float16 default
     assert "## niah_single, 640 tokens" in (tmp_path / "longctx.md").read_text()
     assert (tmp_path / "longctx.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_kvpress_counterpart_is_made_with_the_share_to_remove():
+    made = {}
+
+    def press_class(name):
+        return lambda **kwargs: made.setdefault(name, kwargs) and (name, kwargs)
+
+    kvpress = SimpleNamespace(**{cls: press_class(cls) for cls in KVPRESS_CLASSES.values()},
+                              DuoAttentionPress=press_class("DuoAttentionPress"), AdaKVPress=press_class("AdaKVPress"))
+    for name in KVPRESSES:
+        make_press(kvpress, name, 0.25)
+    assert made["SnapKVPress"] == {"compression_ratio": 0.75} and made["KVzipPress"] == {"compression_ratio": 0.75}
+    assert made["DuoAttentionPress"] == {"head_compression_ratio": 0.75, "on_the_fly_scoring": True}
+    assert made["AdaKVPress"]["press"] == ("ExpectedAttentionPress", {"compression_ratio": 0.75})

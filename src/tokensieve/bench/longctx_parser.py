@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import QUANTIZED_KV_BITS
 from ..policies import ALLOCATIONS, POLICIES
-from .longctx_systems import KVPRESS_CLASSES
+from .longctx_systems import KVPRESSES
 from .longctx_tasks import TASKS
 
 
@@ -29,7 +29,7 @@ def add_longctx_parser(bench_sub, add_model_options) -> None:
     parser.add_argument("--quantized-policies", nargs="*", default=[], choices=list(POLICIES),
                         help="policies also run over the --kv-dtypes pools (eviction and quantization together), "
                              "with the --merge-above and --retrieval-heads variants too")
-    parser.add_argument("--presses", nargs="*", default=list(KVPRESS_CLASSES), choices=list(KVPRESS_CLASSES),
+    parser.add_argument("--presses", nargs="*", default=KVPRESSES, choices=KVPRESSES,
                         help="kvpress presses to run beside ours (when kvpress is installed)")
     parser.add_argument("--query-aware", action="store_true",
                         help="compress after the question is seen (default: query-agnostic, the question comes after)")

@@ -31,6 +31,21 @@ KVPRESS_CLASSES = {
     "keydiff": "KeyDiffPress",
     "kvzip": "KVzipPress",
 }
+# presses made otherwise, given kvpress and the share of the context to remove: DuoAttention with heads scored
+# on the fly (that share of the heads keep only sinks and a recent window), and AdaKV over ExpectedAttention
+# (kvpress's leaderboard pairing)
+KVPRESS_MAKERS = {
+    "duo_attention": lambda kvpress, ratio: kvpress.DuoAttentionPress(head_compression_ratio=ratio, on_the_fly_scoring=True),
+    "adakv": lambda kvpress, ratio: kvpress.AdaKVPress(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
+}
+KVPRESSES = list(KVPRESS_CLASSES) + list(KVPRESS_MAKERS)
+
+
+def make_press(kvpress, name: str, keep_ratio: float):
+    """kvpress's press `name` keeping about `keep_ratio` of the context (the KV bytes it holds are measured)."""
+    if name in KVPRESS_MAKERS:
+        return KVPRESS_MAKERS[name](kvpress, 1.0 - keep_ratio)
+    return getattr(kvpress, KVPRESS_CLASSES[name])(compression_ratio=1.0 - keep_ratio)
 
 
 @dataclass
@@ -124,7 +139,7 @@ class TransformersSystem:
         else:
             import kvpress
 
-            self.press = getattr(kvpress, KVPRESS_CLASSES[press_name])(compression_ratio=1.0 - keep_ratio)
+            self.press = make_press(kvpress, press_name, keep_ratio)
             self.system, self.label = "kvpress", f"{press_name}@{keep_ratio:g}x"
 
     @staticmethod

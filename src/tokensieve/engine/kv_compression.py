@@ -152,7 +152,7 @@ class KVCompressor:
     def _stored(self, blocks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values [kv_heads, entries, dim] in `blocks` [layers, kv_heads, blocks] of `layer`, as float32."""
         read = (self.pool.read_blocks(name, blocks[layer].flatten()) for name in ("keys", "values"))
-        keys, values = (entries.view(blocks.shape[1], -1, self.pool.head_dim).float() for entries in read)
+        keys, values = (entries.reshape(blocks.shape[1], -1, self.pool.head_dim).float() for entries in read)
         return keys, values
 
     def _slots(self, blocks: torch.Tensor, layer: int, head: int, entries: torch.Tensor) -> torch.Tensor:
