@@ -19,7 +19,7 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, num_layers: int, num_kv_heads: int, prefix_caching: bool = False,
                  on_release: Callable[[list[int]], None] | None = None):
         self.num_blocks = num_blocks
-        self.on_release = on_release  # told the ids of blocks handed back by their table (a quantized pool frees their staging)
+        self.on_release = on_release  # told the ids of blocks a table hands back (a quantized pool frees their staging)
         self.block_size = block_size
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads

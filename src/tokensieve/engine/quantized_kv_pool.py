@@ -92,7 +92,8 @@ class QuantizedKVPool(KVPool):
         return blocks[table.lengths % self.block_size != 0]
 
     def _write(self, slots: np.ndarray, keys: torch.Tensor, values: torch.Tensor, fresh: np.ndarray) -> None:
-        """Write float entries [len(slots), 1 or more, dim] at flat `slots` through staging; blocks in `fresh` start empty."""
+        """Write float entries [len(slots), kv_heads or 1, dim] at flat `slots` through staging; the blocks in
+        `fresh` start empty."""
         blocks = slots // self.block_size
         staged = self._staging_of[blocks]
         if (staged < 0).any():
@@ -102,7 +103,7 @@ class QuantizedKVPool(KVPool):
         self.staging.store(staged_slots.view(keys.shape[:2]), keys, values)
 
     def _stage(self, blocks: np.ndarray, fresh: np.ndarray) -> None:
-        """Give each of `blocks` (unique, none staged) a staging block, holding its entries so far unless it is fresh."""
+        """Give each of `blocks` (unique, none staged) a staging block holding its entries so far (none if fresh)."""
         if len(blocks) > len(self._free_staging):
             self._grow_staging(self.num_staged + len(blocks))
         staged = np.array([self._free_staging.pop() for _ in range(len(blocks))], dtype=np.int64)
@@ -110,8 +111,9 @@ class QuantizedKVPool(KVPool):
         self.staging_high_water = max(self.staging_high_water, self.num_staged)
         holding = ~np.isin(blocks, fresh)
         if holding.any():
+            targets, sources = torch.from_numpy(staged[holding]), torch.from_numpy(blocks[holding])
             for name in ("keys", "values"):
-                self.staging.entry_major(name)[torch.from_numpy(staged[holding])] = self._dequantized(name, torch.from_numpy(blocks[holding]))
+                self.staging.entry_major(name)[targets] = self._dequantized(name, sources)
 
     def _grow_staging(self, needed: int) -> None:
         old = self.staging
