@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokensieve import KVPolicyConfig, SamplingParams, SpeculativeConfig
+from tokensieve import KVPolicyConfig, KVSelectionConfig, SamplingParams, SpeculativeConfig
 from tokensieve.config import EngineConfig
 from tokensieve.engine.block_table import BlockTable
 from tokensieve.engine.kv_quantization import dequantize, quantize
@@ -207,3 +207,12 @@ def test_speculation_over_a_quantized_pool_accepts_drafts_and_frees_everything(l
     assert len(out.token_ids) == 40 and sum(spec.engine.speculator.stats.accepted.values()) > 0
     assert_pool_empty(spec)
     assert spec.engine.pool.num_staged == 0
+
+
+def test_block_selection_over_a_quantized_pool_covering_every_block_is_full_attention(llm):
+    prompt = {"prompt_token_ids": llm.encode("The harbour town kept its old lighthouse. " * 40)}
+    full = llm.with_options(kv_dtype="int8").generate(prompt, GREEDY)[0].token_ids
+    selecting = llm.with_options(kv_dtype="int8", kv_selection=KVSelectionConfig(ratio=1.0))
+    assert selecting.generate(prompt, GREEDY)[0].token_ids == full
+    assert llm.with_options(kv_dtype="int8", kv_selection=KVSelectionConfig(ratio=0.125)).generate(prompt, GREEDY)[0].token_ids
+    assert_pool_empty(selecting)
