@@ -262,13 +262,9 @@ class LLMEngine:
         """The KV pool of self.kv_dtype, as many blocks as kv_cache_bytes holds."""
         selects = config.kv_selection is not None
         bits = QUANTIZED_KV_BITS.get(self.kv_dtype)
-        if bits is not None:
-            block_bytes = QuantizedKVPool.block_bytes(config.block_size, head_dim, bits, selects)
-            num_blocks = max(1, config.kv_cache_bytes // block_bytes)
-            return QuantizedKVPool(num_blocks, config.block_size, head_dim, bits, self.device, self.kernels, key_bounds=selects)
-        dtype = DTYPES[self.kv_dtype]
-        num_blocks = max(1, config.kv_cache_bytes // KVPool.block_bytes(config.block_size, head_dim, dtype, selects))
-        return KVPool(num_blocks, config.block_size, head_dim, dtype, self.device, self.kernels, key_bounds=selects)
+        pool_class, width = (KVPool, DTYPES[self.kv_dtype]) if bits is None else (QuantizedKVPool, bits)
+        num_blocks = max(1, config.kv_cache_bytes // pool_class.block_bytes(config.block_size, head_dim, width, selects))
+        return pool_class(num_blocks, config.block_size, head_dim, width, self.device, self.kernels, key_bounds=selects)
 
     def _draft(self) -> list[Sequence]:
         """Draft verification blocks for the speculating sequences that are decoding."""

@@ -160,36 +160,45 @@ class KVCompressor:
         size = self.pool.block_size
         return blocks[layer, head, entries // size] * size + entries % size
 
+    def _rewrite(self, blocks: torch.Tensor, heads_of_layer: dict[int, list[int]], rewrite, table) -> None:
+        """Per layer, `rewrite(layer, head, keys, values)` gives a head's (entries, new keys, new values) from
+        its stored keys and values [entries, dim] as float32; the new entries are written back in one go."""
+        for layer, heads in heads_of_layer.items():
+            keys, values = self._stored(blocks, layer)
+            slots, new_keys, new_values = [], [], []
+            for head in heads:
+                entries, head_keys, head_values = rewrite(layer, head, keys[head], values[head])
+                slots.append(self._slots(blocks, layer, head, entries))
+                new_keys.append(head_keys)
+                new_values.append(head_values)
+            self.pool.overwrite(torch.cat(slots), torch.cat(new_keys), torch.cat(new_values), table)
+
     def _merge_evicted(self, blocks: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor, table) -> None:
         """Fold each (layer, KV head)'s evicted entries into their most similar kept ones (kv_merge.py)."""
-        for layer in range(blocks.shape[0]):
-            keys, values = self._stored(blocks, layer)
-            slots, merged_keys, merged_values = [], [], []
-            for head in range(keys.shape[0]):
-                stored = keep[layer, head, : int(lengths[layer, head])]
-                took, head_keys, head_values = merge_evicted(
-                    keys[head], values[head], stored.nonzero().flatten(), (~stored).nonzero().flatten(), self.config.merge_above
-                )
-                slots.append(self._slots(blocks, layer, head, took))
-                merged_keys.append(head_keys)
-                merged_values.append(head_values)
-            self.pool.overwrite(torch.cat(slots), torch.cat(merged_keys), torch.cat(merged_values), table)
+
+        def merge(layer, head, keys, values):
+            stored = keep[layer, head, : int(lengths[layer, head])]
+            kept, evicted = stored.nonzero().flatten(), (~stored).nonzero().flatten()
+            return merge_evicted(keys, values, kept, evicted, self.config.merge_above)
+
+        every_head = list(range(blocks.shape[1]))
+        self._rewrite(blocks, dict.fromkeys(range(blocks.shape[0]), every_head), merge, table)
 
     def _compensate(self, blocks: torch.Tensor, keep: torch.Tensor, lengths: torch.Tensor, table) -> None:
         """RazorAttention's compensation: in each non-retrieval head that evicts, the first evicted entry stays,
         holding the mean key and value of everything evicted (keep gains it)."""
         stored = torch.arange(keep.shape[-1], device=keep.device) < lengths.unsqueeze(-1)
         evicting = ((stored & ~keep).any(-1) & ~self.retrieval.to(keep.device)).nonzero().tolist()
-        for layer in sorted({layer for layer, _ in evicting}):
-            keys, values = self._stored(blocks, layer)
-            slots, mean_keys, mean_values = [], [], []
-            for head in [h for l, h in evicting if l == layer]:
-                evicted = (stored[layer, head] & ~keep[layer, head]).nonzero().flatten()
-                keep[layer, head, evicted[0]] = True
-                slots.append(self._slots(blocks, layer, head, evicted[:1]))
-                mean_keys.append(keys[head, evicted].mean(0))
-                mean_values.append(values[head, evicted].mean(0))
-            self.pool.overwrite(torch.cat(slots), torch.stack(mean_keys), torch.stack(mean_values), table)
+        heads_of_layer = {}
+        for layer, head in evicting:
+            heads_of_layer.setdefault(layer, []).append(head)
+
+        def compensate(layer, head, keys, values):
+            evicted = (stored[layer, head] & ~keep[layer, head]).nonzero().flatten()
+            keep[layer, head, evicted[0]] = True
+            return evicted[:1], keys[evicted].mean(0, keepdim=True), values[evicted].mean(0, keepdim=True)
+
+        self._rewrite(blocks, heads_of_layer, compensate, table)
 
     @staticmethod
     def _compact_record(attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

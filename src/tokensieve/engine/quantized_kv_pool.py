@@ -171,14 +171,15 @@ class QuantizedKVPool(KVPool):
         return dequantize(self.value_codes[blocks], self.value_scale[blocks], self.value_zero[blocks], self.bits)
 
     def read_blocks(self, name: str, ids: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        read = self._dequantized(name, ids)
         staged = self._staging_of[ids.numpy()]
         if self._released:
             staged = np.where(staged >= 0, staged, self._released_of[ids.numpy()])
         staged = torch.from_numpy(staged)
         in_staging = staged >= 0
+        read = out if out is not None else torch.empty((len(ids), self.block_size, self.head_dim))
         read[in_staging] = self.staging.entry_major(name)[staged[in_staging]]
-        return read if out is None else out.copy_(read)
+        read[~in_staging] = self._dequantized(name, ids[~in_staging])
+        return read
 
     def _read_slots(self, name: str, slots: torch.Tensor) -> torch.Tensor:
         """Entries at flat `slots` as float32 [len(slots), dim]."""
