@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tokensieve.bench.longctx_report import pareto_front
 from tokensieve.bench.longctx_systems import KVPRESS_CLASSES, KVPRESSES, Answer, make_press, score
@@ -74,10 +75,16 @@ def test_every_kvpress_counterpart_is_made_with_the_share_to_remove():
     def press_class(name):
         return lambda **kwargs: made.setdefault(name, kwargs) and (name, kwargs)
 
+    def duo_press(**kwargs):
+        made["DuoAttentionPress"] = kwargs
+        return SimpleNamespace()
+
     kvpress = SimpleNamespace(**{cls: press_class(cls) for cls in KVPRESS_CLASSES.values()},
-                              DuoAttentionPress=press_class("DuoAttentionPress"), AdaKVPress=press_class("AdaKVPress"))
-    for name in KVPRESSES:
-        make_press(kvpress, name, 0.25)
+                              DuoAttentionPress=duo_press, AdaKVPress=press_class("AdaKVPress"))
+    head_scores = torch.tensor([[0.5, 0.01], [0.02, 0.3]])
+    presses = {name: make_press(kvpress, name, 0.25, head_scores) for name in KVPRESSES}
     assert made["SnapKVPress"] == {"compression_ratio": 0.75} and made["KVzipPress"] == {"compression_ratio": 0.75}
-    assert made["DuoAttentionPress"] == {"head_compression_ratio": 0.75, "on_the_fly_scoring": True}
+    assert made["DuoAttentionPress"] == {"head_compression_ratio": 0.75}
+    duo = presses["duo_attention"]  # three of the four heads stream: all but the best-scoring one
+    assert duo.streaming_mask.tolist() == [[False, True], [True, True]] and (duo.sink_size, duo.recent_size) == (128, 256)
     assert made["AdaKVPress"]["press"] == ("ExpectedAttentionPress", {"compression_ratio": 0.75})

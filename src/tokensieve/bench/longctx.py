@@ -64,9 +64,10 @@ def build_systems(args, llm, hf_model):
                     systems.append(OursSystem(llm, config, args.query_aware, kv_dtype=kv_dtype))
     if hf_model is not None:
         systems.append(TransformersSystem(hf_model, llm.tokenizer, None, None, args.query_aware))
+        head_scores = llm.engine.retrieval_scores() if "duo_attention" in args.presses else None
         for press in args.presses:
             for ratio in args.keep_ratios:
-                systems.append(TransformersSystem(hf_model, llm.tokenizer, press, ratio, args.query_aware))
+                systems.append(TransformersSystem(hf_model, llm.tokenizer, press, ratio, args.query_aware, head_scores))
     return systems
 
 

@@ -31,20 +31,35 @@ KVPRESS_CLASSES = {
     "keydiff": "KeyDiffPress",
     "kvzip": "KVzipPress",
 }
-# presses made otherwise, given kvpress and the share of the context to remove: DuoAttention with heads scored
-# on the fly (that share of the heads keep only sinks and a recent window), and AdaKV over ExpectedAttention
-# (kvpress's leaderboard pairing)
+DUO_SINKS, DUO_RECENT = 128, 256  # what a streaming head keeps under kvpress's DuoAttention (its on-the-fly sizes)
+
+
+def _duo_attention(kvpress, ratio: float, head_scores: torch.Tensor):
+    """kvpress's DuoAttention, the `ratio` of (layer, KV head) pairs with the lowest retrieval scores as
+    streaming heads. The scores are our probe's (engine/head_probe.py): kvpress's own on-the-fly scoring
+    reads the BookSum dataset from the Hub, which an offline machine cannot fetch."""
+    press = kvpress.DuoAttentionPress(head_compression_ratio=ratio)
+    streaming = torch.zeros(head_scores.numel(), dtype=torch.bool)
+    streaming[torch.argsort(head_scores.flatten(), stable=True)[: round(head_scores.numel() * ratio)]] = True
+    press.sink_size, press.recent_size, press.streaming_mask = DUO_SINKS, DUO_RECENT, streaming.view_as(head_scores)
+    press.post_init_from_model = lambda model: None  # the heads are set above
+    return press
+
+
+# presses made otherwise, given kvpress, the share of the context to remove and the probe's retrieval scores per
+# (layer, KV head): DuoAttention, and AdaKV over ExpectedAttention (kvpress's leaderboard pairing)
 KVPRESS_MAKERS = {
-    "duo_attention": lambda kvpress, ratio: kvpress.DuoAttentionPress(head_compression_ratio=ratio, on_the_fly_scoring=True),
-    "adakv": lambda kvpress, ratio: kvpress.AdaKVPress(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
+    "duo_attention": _duo_attention,
+    "adakv": lambda kvpress, ratio, _: kvpress.AdaKVPress(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio)),
 }
 KVPRESSES = list(KVPRESS_CLASSES) + list(KVPRESS_MAKERS)
 
 
-def make_press(kvpress, name: str, keep_ratio: float):
-    """kvpress's press `name` keeping about `keep_ratio` of the context (the KV bytes it holds are measured)."""
+def make_press(kvpress, name: str, keep_ratio: float, head_scores: torch.Tensor | None = None):
+    """kvpress's press `name` keeping about `keep_ratio` of the context (the KV bytes it holds are measured);
+    DuoAttention needs `head_scores`."""
     if name in KVPRESS_MAKERS:
-        return KVPRESS_MAKERS[name](kvpress, 1.0 - keep_ratio)
+        return KVPRESS_MAKERS[name](kvpress, 1.0 - keep_ratio, head_scores)
     return getattr(kvpress, KVPRESS_CLASSES[name])(compression_ratio=1.0 - keep_ratio)
 
 
@@ -130,7 +145,8 @@ class OursSystem:
 class TransformersSystem:
     """transformers with a full cache, or with a kvpress press during the context's prefill."""
 
-    def __init__(self, hf_model, tokenizer, press_name: str | None, keep_ratio: float | None, query_aware: bool):
+    def __init__(self, hf_model, tokenizer, press_name: str | None, keep_ratio: float | None, query_aware: bool,
+                 head_scores: torch.Tensor | None = None):
         self.model, self.tokenizer = hf_model, tokenizer
         self.query_aware = query_aware
         self.press = None
@@ -139,7 +155,7 @@ class TransformersSystem:
         else:
             import kvpress
 
-            self.press = make_press(kvpress, press_name, keep_ratio)
+            self.press = make_press(kvpress, press_name, keep_ratio, head_scores)
             self.system, self.label = "kvpress", f"{press_name}@{keep_ratio:g}x"
 
     @staticmethod

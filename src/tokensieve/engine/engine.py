@@ -250,10 +250,14 @@ class LLMEngine:
             self.speculator.observe_step(len(schedule.chunks), rows - len(schedule.chunks), context, time.perf_counter() - began)
         return outputs
 
+    def retrieval_scores(self) -> torch.Tensor:
+        """The retrieval-head probe's scores [layers, KV heads] of this model (measured once, then cached)."""
+        probe = HeadProbe(self.runner, self.block_manager, self.model.config.vocab_size)
+        return probe.scores(probe_file((self.model.config, self.config.dtype, self.activations, self.kv_dtype)))
+
     def _retrieval_heads(self, share: float) -> torch.Tensor:
         """The `share` of (layer, KV head) pairs the retrieval-head probe scores highest, as a bool mask."""
-        probe = HeadProbe(self.runner, self.block_manager, self.model.config.vocab_size)
-        scores = probe.scores(probe_file((self.model.config, self.config.dtype, self.activations, self.kv_dtype)))
+        scores = self.retrieval_scores()
         chosen = torch.zeros(scores.numel(), dtype=torch.bool)
         chosen[torch.argsort(scores.flatten(), descending=True, stable=True)[: max(1, round(share * scores.numel()))]] = True
         return chosen.view_as(scores)
