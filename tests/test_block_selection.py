@@ -8,9 +8,10 @@ import torch
 from conftest import assert_pool_empty
 from tokensieve import KVSelectionConfig, SamplingParams
 from tokensieve.engine.attention import PagedAttention
-from tokensieve.engine.block_selection import block_bounds, select_blocks
+from tokensieve.engine.block_selection import block_bounds, select_blocks, shortlist_scores, shortlisted
 from tokensieve.engine.kv_pool import KVPool
 from tokensieve.engine.selection_cache import Choice, SelectionCache
+from tokensieve.config import EngineConfig
 from tokensieve.errors import ConfigError
 from tokensieve.kernels import native_kernels
 
@@ -69,33 +70,61 @@ def test_the_pool_keeps_each_blocks_key_bounds_through_reuse_and_moves(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_the_kernels_bound_and_select_as_the_pytorch_rule_does(dtype):
+@pytest.mark.parametrize("block, shortlist", [(BLOCK, 0), (BLOCK, 3), (16, 2)])
+def test_the_kernels_bound_and_select_as_the_pytorch_rule_does(dtype, block, shortlist):
     kernels = native_kernels()
     torch.manual_seed(0)
     seqs, kv_heads, group, dim, width = 3, 2, 3, 16, 12
-    native = KVPool(80, BLOCK, dim, dtype, torch.device("cpu"), kernels, key_bounds=True)
-    reference = KVPool(80, BLOCK, dim, dtype, torch.device("cpu"), key_bounds=True)
+    native = KVPool(80, block, dim, dtype, torch.device("cpu"), kernels, key_bounds=True)
+    reference = KVPool(80, block, dim, dtype, torch.device("cpu"), key_bounds=True)
     tables = torch.randperm(80)[: seqs * kv_heads * width].view(seqs, kv_heads, width)
-    lengths = torch.randint(1, width * BLOCK + 1, (seqs, kv_heads))
+    lengths = torch.randint(1, width * block + 1, (seqs, kv_heads))
     for pool in (native, reference):  # each (sequence, head) fills its blocks in two writes, the first partial
-        for first, last in ((0, 5), (5, width * BLOCK)):
+        for first, last in ((0, 5), (5, width * block)):
             entries = torch.arange(first, last)
-            slots = (tables[..., entries // BLOCK] * BLOCK + entries % BLOCK).reshape(-1, 1)
+            slots = (tables[..., entries // block] * block + entries % block).reshape(-1, 1)
             keys = torch.randn(len(slots), 1, dim, generator=torch.Generator().manual_seed(first))
             pool.store(slots, keys, keys)
     assert torch.equal(native.key_min, reference.key_min) and torch.equal(native.key_max, reference.key_max)
     q = torch.randn(seqs, kv_heads * group, dim)
     for budget in (1, 2, 3, 5, width):
         budgets = torch.full((seqs, kv_heads), budget)
-        selected, new_lengths, places = kernels.select_blocks(q, native.key_min, native.key_max, tables, lengths, budgets, BLOCK)
-        bounds = block_bounds(q.view(seqs, kv_heads, group, dim), reference.key_min[tables], reference.key_max[tables])
-        expected, expected_lengths, expected_places = select_blocks(bounds, tables, lengths, budgets, BLOCK)
+        selected, new_lengths, places = kernels.select_blocks(
+            q, native.key_min, native.key_max, tables, lengths, budgets, block, native.keys, shortlist
+        )
+        grouped = q.view(seqs, kv_heads, group, dim)
+        bounds = block_bounds(grouped, reference.key_min[tables], reference.key_max[tables])
+        if shortlist:
+            listed = shortlisted(bounds, lengths, budgets, block, shortlist)
+            keys = reference.read_blocks("keys", tables.flatten()).view(seqs, kv_heads, width, block, dim)
+            bounds = shortlist_scores(grouped, keys, listed)
+        expected, expected_lengths, expected_places = select_blocks(bounds, tables, lengths, budgets, block)
         assert torch.equal(new_lengths, expected_lengths)
         for s in range(seqs):
             for h in range(kv_heads):
-                used = -(-int(new_lengths[s, h]) // BLOCK)
+                used = -(-int(new_lengths[s, h]) // block)
                 assert selected[s, h, :used].tolist() == expected[s, h, :used].tolist()
                 assert places[s, h, :used].tolist() == expected_places[s, h, :used].tolist()
+
+
+def test_a_shortlist_picks_the_block_whose_best_key_scores_highest_not_the_loosest_bound():
+    """Block 1's keys spread wide, so its bound (10) beats block 2's (6), though none of its keys scores above 0;
+    the shortlist's exact scores choose block 2."""
+    kernels = native_kernels()
+    dim, q = 2, torch.tensor([[[1.0, 1.0]]])
+    pool = KVPool(8, BLOCK, dim, torch.float32, torch.device("cpu"), kernels, key_bounds=True)
+    keys = torch.tensor([[0.0, 0.0]] * BLOCK + [[5.0, -5.0], [-5.0, 5.0]] * 2 + [[3.0, 3.0]] * BLOCK + [[0.5, 0.5]] * BLOCK
+                        + [[0.0, 0.0]])
+    pool.store(torch.arange(len(keys)), keys.unsqueeze(1), keys.unsqueeze(1))
+    tables, lengths, budget = torch.tensor([[[0, 1, 2, 3, 4]]]), torch.tensor([[len(keys)]]), torch.tensor([[3]])
+    for shortlist, expected in ((0, [0, 1, 4]), (2, [0, 2, 4])):
+        selected, _, _ = kernels.select_blocks(q, pool.key_min, pool.key_max, tables, lengths, budget, BLOCK, pool.keys, shortlist)
+        assert selected[0, 0].tolist() == expected
+        bounds = block_bounds(q.view(1, 1, 1, dim), pool.key_min[tables], pool.key_max[tables])
+        if shortlist:
+            listed = shortlisted(bounds, lengths, budget, BLOCK, shortlist)
+            bounds = shortlist_scores(q.view(1, 1, 1, dim), pool.read_blocks("keys", tables.flatten()).view(1, 1, 5, BLOCK, dim), listed)
+        assert select_blocks(bounds, tables, lengths, budget, BLOCK)[0][0, 0].tolist() == expected
 
 
 def test_selection_settings_are_checked():
@@ -105,6 +134,10 @@ def test_selection_settings_are_checked():
         KVSelectionConfig(ratio=1.5)
     with pytest.raises(ConfigError, match="selection_layers must start"):
         KVSelectionConfig(ratio=0.5, selection_layers=(5, 9))
+    with pytest.raises(ConfigError, match="shortlist"):
+        KVSelectionConfig(ratio=0.5, shortlist=1)
+    with pytest.raises(ConfigError, match="float kv_dtype"):
+        EngineConfig(kv_dtype="int8", kv_selection=KVSelectionConfig(ratio=0.5, shortlist=2))
 
 
 @pytest.mark.parametrize("engine", ["llm", "pytorch_llm"])

@@ -50,6 +50,8 @@ def _add_kv_policy_options(parser: argparse.ArgumentParser) -> None:
                         help="this share of the heads, found by a probe, keep every entry (RazorAttention, DuoAttention)")
     parser.add_argument("--kv-select-ratio", type=float, default=None,
                         help="block selection (Quest): decoding attends to this share of the entries, all kept")
+    parser.add_argument("--kv-select-shortlist", type=int, default=None,
+                        help="with --kv-select-ratio: the key bounds shortlist this many times the blocks, exact scores choose")
 
 
 def _add_speculative_options(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +84,9 @@ def _kv_policy(args):
 def _kv_selection(args):
     from .config import KVSelectionConfig
 
-    return None if args.kv_select_ratio is None else KVSelectionConfig(ratio=args.kv_select_ratio)
+    if args.kv_select_ratio is None:
+        return None
+    return KVSelectionConfig(ratio=args.kv_select_ratio, shortlist=args.kv_select_shortlist)
 
 
 def _sampling_params(args):

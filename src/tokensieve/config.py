@@ -82,7 +82,9 @@ class KVSelectionConfig:
     to everything (as Quest does). With `selection_layers` (TidalDecode), only those layers choose; each
     later layer attends to the blocks at the places the last of them chose (the same positions in every
     layer while no policy has evicted; otherwise every layer chooses for itself). With `reuse_above`
-    (TokenSelect), a layer keeps its choice for later queries that stay similar."""
+    (TokenSelect), a layer keeps its choice for later queries that stay similar. With `shortlist` f, the
+    bounds only shortlist f times the blocks to choose, and the largest exact score in each shortlisted
+    block picks among them (reading those blocks' keys; float KV pools only)."""
 
     budget: int | None = None
     ratio: float | None = None
@@ -91,6 +93,9 @@ class KVSelectionConfig:
     # TokenSelect: a layer reuses the blocks it chose for an earlier query of the sequence while the new query's
     # cosine similarity to that one is at least this and the sequence's blocks are unchanged (None: choose every step)
     reuse_above: float | None = None
+    # Quest's bounds are loose: they shortlist this many times the blocks to choose, and each shortlisted block's
+    # best exact q.k (softmax-normalised per query head, summed over its group) picks the budget among them
+    shortlist: int | None = None
 
     def __post_init__(self):
         if (self.budget is None) == (self.ratio is None):
@@ -103,6 +108,8 @@ class KVSelectionConfig:
             raise ConfigError(f"dense_layers must be an integer >= 0, got {self.dense_layers!r}")
         if self.reuse_above is not None and not -1.0 <= self.reuse_above <= 1.0:
             raise ConfigError(f"reuse_above is a cosine similarity in [-1, 1], got {self.reuse_above!r}")
+        if self.shortlist is not None and (not isinstance(self.shortlist, int) or self.shortlist < 2):
+            raise ConfigError(f"shortlist is how many times the budget the bounds shortlist, an integer >= 2, got {self.shortlist!r}")
         if self.selection_layers is not None:
             self.selection_layers = tuple(self.selection_layers)
             if not self.selection_layers or min(self.selection_layers) != self.dense_layers:
@@ -121,7 +128,9 @@ class KVSelectionConfig:
     @property
     def label(self) -> str:
         size = f"quest@{self.budget}" if self.budget is not None else f"quest@{self.ratio:g}x"
-        return size + ("" if self.reuse_above is None else f"+reuse{self.reuse_above:g}")
+        return size + ("" if self.shortlist is None else f"+shortlist{self.shortlist}") + (
+            "" if self.reuse_above is None else f"+reuse{self.reuse_above:g}"
+        )
 
 
 DRAFTERS = ("lookup", "recycling", "lookahead")
@@ -229,6 +238,8 @@ class EngineConfig:
             raise ConfigError(f"kv_policy must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
         if self.kv_selection is not None and not isinstance(self.kv_selection, KVSelectionConfig):
             raise ConfigError(f"kv_selection must be a KVSelectionConfig, got {type(self.kv_selection).__name__}")
+        if self.kv_selection is not None and self.kv_selection.shortlist and self.kv_dtype in QUANTIZED_KV_BITS:
+            raise ConfigError(f"a selection shortlist rescores blocks from float keys: it needs a float kv_dtype, not {self.kv_dtype!r}")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
 

@@ -46,7 +46,9 @@ def _kvpress_available() -> bool:
 def build_systems(args, llm, hf_model):
     systems = [OursSystem(llm, KVPolicyConfig("full"), args.query_aware)]
     for ratio in args.selections:
-        systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, KVSelectionConfig(ratio=ratio)))
+        for shortlist in [None, *args.shortlists]:
+            selection = KVSelectionConfig(ratio=ratio, shortlist=shortlist)
+            systems.append(OursSystem(llm, KVPolicyConfig("full"), args.query_aware, selection))
     variants = [{}] + [{"merge_above": args.merge_above}] * (args.merge_above is not None) + (
         [{"retrieval_heads": args.retrieval_heads}] * (args.retrieval_heads is not None)
     )

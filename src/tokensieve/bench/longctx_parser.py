@@ -23,6 +23,8 @@ def add_longctx_parser(bench_sub, add_model_options) -> None:
                         help="also run each policy with this share of probed retrieval heads keeping everything (RazorAttention)")
     parser.add_argument("--selections", type=float, nargs="*", default=[0.125],
                         help="block selection (Quest) over the full cache, attending this share of the entries")
+    parser.add_argument("--shortlists", type=int, nargs="*", default=[],
+                        help="also run each selection with the key bounds shortlisting this many times its blocks")
     parser.add_argument("--kv-dtypes", nargs="*", default=list(QUANTIZED_KV_BITS), choices=list(QUANTIZED_KV_BITS),
                         help="quantized KV pools run beside the engine's --kv-dtype: the full cache in each, and each of "
                              "--quantized-policies at each keep ratio")

@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 
 from ..config import KVSelectionConfig
-from .block_selection import block_bounds, select_blocks
+from .block_selection import block_bounds, select_blocks, shortlist_scores, shortlisted
 from .kv_pool import KVPool
 from .selection_cache import Choice
 
 
 # observer(layer, logits [kv_heads, group, queries, entries], first query, observed queries this forward)
 Observer = Callable[[int, torch.Tensor, int, int], None]
+_NO_KEYS = torch.empty(0)  # what the selection kernel reads when it does not rescore a shortlist
 OBSERVED_QUERIES_PER_SLICE = 256  # bounds the logits held at once while observing a long chunk
 NO_BLOCKS = torch.empty(0)  # the kernels' block arguments when no sequence verifies a draft
 
@@ -242,12 +243,18 @@ class PagedAttention:
         remembered per sequence when choices are reused."""
         pool = self.pool
         budget = self._budget_blocks[layer]
+        shortlist = self.selection.shortlist or 0
         if self.kernels is not None:
             selected, selected_lengths, places = self.kernels.select_blocks(
-                q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size
+                q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size, pool.keys if shortlist else _NO_KEYS, shortlist
             )
         else:
-            bounds = block_bounds(self._per_sequence(q, tables), pool.key_min[tables], pool.key_max[tables])
+            queries = self._per_sequence(q, tables)
+            bounds = block_bounds(queries, pool.key_min[tables], pool.key_max[tables])
+            if shortlist:
+                listed = shortlisted(bounds, lengths, budget, pool.block_size, shortlist)
+                keys = pool.read_blocks("keys", tables.flatten()).view(*tables.shape, pool.block_size, -1)
+                bounds = shortlist_scores(queries, keys, listed)
             selected, selected_lengths, places = select_blocks(bounds, tables, lengths, budget, pool.block_size)
         if self.decode.selection_caches is not None:
             for seq, (cache, version) in enumerate(self.decode.selection_caches):

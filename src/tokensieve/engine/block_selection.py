@@ -6,7 +6,9 @@ block can score by sum_d max(q_d * min_d, q_d * max_d); the query heads sharing 
 largest of their bounds. The blocks with the highest bounds are attended; the last block (the newest
 entries, the only one not full) and the first (the attention sinks) always are, in that order of
 priority. A head with no more blocks than its budget attends to all of them, so a budget covering every
-block is exactly full attention. The native kernels (kernels/block_selection.cpp) do the same in one
+block is exactly full attention. With a shortlist, the bounds only shortlist the candidates between the
+first and the last block, and each candidate's best exact score picks among them (shortlist_scores). The
+native kernels (kernels/block_selection.cpp) do the same in one
 call per layer; this is the rule in PyTorch, for devices without them.
 """
 
@@ -45,3 +47,25 @@ def select_blocks(
     last_entries = lengths - (num_blocks - 1) * block_size
     new_lengths = torch.where(budget >= num_blocks, lengths, (budget - 1) * block_size + last_entries)
     return selected, new_lengths, first_chosen
+
+
+def shortlisted(bounds: torch.Tensor, lengths: torch.Tensor, budget_blocks: torch.Tensor, block_size: int, factor: int) -> torch.Tensor:
+    """[seqs, kv_heads, blocks]: the blocks between the first and the last whose bounds rank among the best
+    `factor` times the number to choose there."""
+    index = torch.arange(bounds.shape[-1], device=bounds.device)
+    num_blocks = ((lengths + block_size - 1) // block_size).unsqueeze(-1)
+    middle = (index > 0) & (index < num_blocks - 1)
+    order = torch.argsort(bounds.masked_fill(~middle, float("-inf")), dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, index.expand_as(order))
+    to_choose = (torch.minimum(budget_blocks, num_blocks.squeeze(-1)) - 2).clamp(min=0)
+    return middle & (rank < (to_choose * factor).unsqueeze(-1))
+
+
+def shortlist_scores(q: torch.Tensor, keys: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
+    """Each listed block's score [seqs, kv_heads, blocks]: per query head, its keys' best q.k / sqrt(dim),
+    softmax-normalised over the listed blocks, summed over the group (-inf where not listed).
+    q [seqs, kv_heads, group, dim], keys [seqs, kv_heads, blocks, entries, dim], listed [seqs, kv_heads, blocks]."""
+    best = torch.einsum("skgd,skbed->skgbe", q.float(), keys.float()).amax(-1) * q.shape[-1] ** -0.5
+    best = best.masked_fill(~listed.unsqueeze(2), float("-inf"))
+    weights = torch.softmax(best, dim=-1).nan_to_num(0.0).sum(2)
+    return weights.masked_fill(~listed, float("-inf"))

@@ -7,9 +7,14 @@
 //                   head) is highest, the first and the last block always (the last first of all), in
 //                   their original order; with no more blocks than the budget, all of them. Returns the
 //                   chosen block ids, the new lengths, and the chosen blocks' places in the tables.
+//                   With a shortlist factor f > 0, the bounds only shortlist f times the blocks to choose
+//                   between the first and the last; each shortlisted block then scores by the largest
+//                   q . k / sqrt(dim) over its keys, softmax-normalised over the shortlist per query head and
+//                   summed over the group, and the best of those are chosen.
 #include "kernels.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -46,6 +51,45 @@ float block_bound(const float* queries, int64_t stride, int64_t group, const T* 
     best = std::max(best, sum);
   }
   return best;
+}
+
+// largest q . k over the `block_size` keys of a block laid out dimension-major ([dim][block_size])
+template <typename T>
+float best_score(const float* q, const T* keys, int64_t dim, int64_t block_size) {
+  float best = -std::numeric_limits<float>::infinity();
+  int64_t e = 0;
+#if defined(__AVX512F__)
+  for (; e + 16 <= block_size; e += 16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d) acc = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), load16(keys + d * block_size + e), acc);
+    best = std::max(best, _mm512_reduce_max_ps(acc));
+  }
+#endif
+  for (; e < block_size; ++e) {
+    float sum = 0.f;
+    for (int64_t d = 0; d < dim; ++d) sum += q[d] * static_cast<float>(keys[d * block_size + e]);
+    best = std::max(best, sum);
+  }
+  return best;
+}
+
+// each shortlisted block's score: per query head, its best key score softmax-normalised over the shortlist,
+// summed over the group
+template <typename T>
+void shortlist_scores(const float* queries, int64_t stride, int64_t group, const T* keys, const int64_t* blocks,
+                      const std::vector<int64_t>& shortlist, int64_t dim, int64_t block_size, std::vector<float>& score) {
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  std::vector<float> best(shortlist.size());
+  std::fill(score.begin(), score.end(), 0.f);
+  for (int64_t g = 0; g < group; ++g) {
+    float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+    for (size_t i = 0; i < shortlist.size(); ++i) {
+      best[i] = scale * best_score(queries + g * stride, keys + blocks[shortlist[i]] * dim * block_size, dim, block_size);
+      top = std::max(top, best[i]);
+    }
+    for (size_t i = 0; i < shortlist.size(); ++i) total += best[i] = std::exp(best[i] - top);
+    for (size_t i = 0; i < shortlist.size(); ++i) score[shortlist[i]] += best[i] / total;
+  }
 }
 
 template <typename F>
@@ -90,7 +134,7 @@ void widen_key_bounds(torch::Tensor key_min, torch::Tensor key_max, torch::Tenso
 
 std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min, torch::Tensor key_max,
                                          torch::Tensor block_tables, torch::Tensor lengths, torch::Tensor budget_blocks,
-                                         int64_t block_size) {
+                                         int64_t block_size, torch::Tensor keys, int64_t shortlist) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [seqs, heads, dim]");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && block_tables.dim() == 3 && block_tables.is_contiguous(),
               "block tables must be contiguous int64 [seqs, kv_heads, blocks]");
@@ -98,6 +142,9 @@ std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min,
   const int64_t seqs = block_tables.size(0), kv_heads = block_tables.size(1), width = block_tables.size(2);
   const int64_t dim = q.size(2), group = q.size(1) / kv_heads;
   TORCH_CHECK(q.size(0) == seqs && q.size(1) == group * kv_heads && key_min.size(1) == dim, "shapes disagree");
+  TORCH_CHECK(shortlist == 0 || (keys.scalar_type() == key_min.scalar_type() && keys.is_contiguous() && keys.dim() == 3 &&
+                                  keys.size(1) == dim && keys.size(2) == block_size),
+              "shortlist rescoring needs the pool's contiguous keys [blocks, dim, block_size] in the bounds' dtype");
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(width, budgets.max().item<int64_t>()));
   auto selected = torch::zeros({seqs, kv_heads, most}, block_tables.options());
   auto positions = torch::zeros({seqs, kv_heads, most}, block_tables.options());  // the chosen blocks' places in the table
@@ -112,8 +159,9 @@ std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min,
     using T = std::remove_pointer_t<decltype(type)>;
     const T* low = reinterpret_cast<const T*>(key_min.data_ptr());
     const T* high = reinterpret_cast<const T*>(key_max.data_ptr());
+    const T* key = shortlist ? reinterpret_cast<const T*>(keys.data_ptr()) : nullptr;
     at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> bound;
+      std::vector<float> bound, score;
       std::vector<int64_t> order;
       for (int64_t p = begin; p < end; ++p) {
         const int64_t s = p / kv_heads, h = p % kv_heads;
@@ -135,9 +183,17 @@ std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min,
         order.resize(n - 2);
         std::iota(order.begin(), order.end(), 1);  // the blocks between the first and the last
         const int64_t middle = std::max<int64_t>(0, k - 2);
-        std::partial_sort(order.begin(), order.begin() + middle, order.end(),
+        const int64_t listed = shortlist ? std::min<int64_t>(n - 2, middle * shortlist) : middle;
+        std::partial_sort(order.begin(), order.begin() + listed, order.end(),
                           [&](int64_t a, int64_t b) { return bound[a] > bound[b] || (bound[a] == bound[b] && a < b); });
-        order.resize(middle);
+        order.resize(listed);
+        if (listed > middle) {  // the exact scores choose among the shortlist
+          score.assign(n, 0.f);
+          shortlist_scores(queries, q.stride(1), group, key, blocks, order, dim, block_size, score);
+          std::partial_sort(order.begin(), order.begin() + middle, order.end(),
+                            [&](int64_t a, int64_t b) { return score[a] > score[b] || (score[a] == score[b] && a < b); });
+          order.resize(middle);
+        }
         std::sort(order.begin(), order.end());
         if (k >= 2) order.insert(order.begin(), 0);
         order.push_back(n - 1);

@@ -36,6 +36,6 @@ void widen_key_bounds(torch::Tensor key_min, torch::Tensor key_max, torch::Tenso
                       int64_t block_size);
 std::vector<torch::Tensor> select_blocks(torch::Tensor q, torch::Tensor key_min, torch::Tensor key_max,
                                          torch::Tensor block_tables, torch::Tensor lengths, torch::Tensor budget_blocks,
-                                         int64_t block_size);
+                                         int64_t block_size, torch::Tensor keys, int64_t shortlist);
 void store_kv(torch::Tensor key_pool, torch::Tensor value_pool, torch::Tensor slots, torch::Tensor keys,
               torch::Tensor values);
