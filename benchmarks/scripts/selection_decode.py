@@ -1,7 +1,8 @@
 """Decode speed with block selection (Quest) against full attention, on one long prompt (8,000 tokens
 of Spec-Bench text by default) on the default model, 2 threads, default settings; 64 greedy tokens,
-median of 3 runs each, interleaved. Prints tokens/s, the share of the held entries decoding read and,
-with TokenSelect's reuse, the share of (layer, step) choices reused.
+median of 3 runs each, interleaved. Prints tokens/s, the share of the held entries decoding attended to
+and, with TokenSelect's reuse, the share of (layer, step) choices reused. A shortlist of f also reads the
+keys of f times the chosen blocks to score them exactly.
 
     .venv/bin/python benchmarks/scripts/selection_decode.py [tokens]
 """
@@ -21,6 +22,10 @@ ids = context_ids(lambda t: full.tokenizer(t, add_special_tokens=False).input_id
 systems = {"full attention": full}
 for ratio in (0.25, 0.125, 0.0625):
     systems[f"quest {ratio:g}"] = full.with_options(kv_selection=KVSelectionConfig(ratio=ratio))
+for shortlist in (2, 4):  # the bounds shortlist this many times the blocks; their keys' exact scores choose
+    systems[f"quest 0.125, shortlist {shortlist}"] = full.with_options(
+        kv_selection=KVSelectionConfig(ratio=0.125, shortlist=shortlist)
+    )
 for reuse in (0.9, -1.0):  # TokenSelect: reuse a layer's choice while queries stay this similar (-1: always)
     systems[f"quest 0.125, reuse at cosine >= {reuse:g}"] = full.with_options(
         kv_selection=KVSelectionConfig(ratio=0.125, reuse_above=reuse)
