@@ -67,6 +67,33 @@ def test_bench_longctx_end_to_end_writes_json_markdown_and_plot(tmp_path):
     assert int8_kv < 0.7 * full_kv  # int8 codes beside the float16 default
     assert "## niah_single, 640 tokens" in (tmp_path / "longctx.md").read_text()
     assert (tmp_path / "longctx.png").read_bytes()[:4] == b"\x89PNG"
+    # the same run, as if stopped during its last case: `bench report` reports the cases every system finished
+    for name in ("longctx.json", "longctx.md", "longctx.png"):
+        (tmp_path / name).unlink()
+    lines = (tmp_path / "longctx_cases.jsonl").read_text().splitlines()
+    (tmp_path / "longctx_cases.jsonl").write_text("\n".join(lines[:-2]) + "\n")
+    assert main(["bench", "report", str(tmp_path)]) == 0
+    table = (tmp_path / "longctx.md").read_text()
+    assert "cut short after 1 of 2 cases" in table and "niah_single, 640 tokens (1 cases)" in table and "### perplexity" not in table
+    assert json.loads((tmp_path / "longctx.json").read_text())["cases"] == result["cases"][: len(methods_run)]
+
+
+def test_an_interrupted_run_reports_the_cases_every_system_finished(tmp_path, monkeypatch):
+    from tokensieve.bench.longctx_systems import OursSystem
+
+    def answer(self, case):  # the third answer (the second case's first system) is interrupted
+        try:
+            return next(answers)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+
+    monkeypatch.setattr(OursSystem, "answer", answer)
+    answers = iter([Answer("1234567", None, 0.1, 10.0, 1024, 2048)] * 2)
+    assert main(["bench", "longctx", "--tasks", "niah_single", "--lengths", "640", "--cases", "2", "--policies",
+                 "--selections", "0.5", "--kv-dtypes", "--no-transformers", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "longctx.json").read_text())
+    assert [(row["method"], row["case"]) for row in result["cases"]] == [("full@all", 0), ("quest@0.5x", 0)]
+    assert result["cut_short"] == "cut short after 1 of 2 cases"
 
 
 def test_every_kvpress_counterpart_is_made_with_the_share_to_remove():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from .longctx_tasks import CaseMaker
 from .plotting import require_matplotlib
 from .provenance import engine_settings, run_info
 from .report import write_report
+
+RUN_FILE, CASES_FILE = "longctx_run.json", "longctx_cases.jsonl"
 
 
 def peak_rss_bytes() -> int | None:
@@ -98,31 +101,52 @@ def run_longctx_benchmark(args) -> dict:
     maker = CaseMaker(llm.tokenizer, args.seed)
     cases = [maker.make(t, n, i) for n in args.lengths for t in args.tasks for i in range(args.cases)]
     systems = build_systems(args, llm, hf_model)
-    rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    partial = (out / "longctx_cases.jsonl").open("w")  # every case as soon as it is done: a long run can be cut short
-    started = time.perf_counter()
-    with partial, tqdm(total=len(cases) * len(systems), desc="bench longctx", unit="case") as progress:
-        for case in cases:  # every system on a case before the next: slow drift of the machine hits all alike
-            for system in systems:
-                progress.set_postfix_str(f"{case.task}@{case.length} {system.system}:{system.label}")
-                reset_peak_rss()
-                answer = system.answer(case)
-                rows.append({
-                    "system": system.system, "method": system.label, "task": case.task, "length": case.length,
-                    "case": case.index, "prompt_tokens": len(case.context_ids) + len(case.question_ids),
-                    "score": None if answer.perplexity is not None else score(case, answer),
-                    **asdict(answer), "peak_rss_bytes": peak_rss_bytes(),
-                })
-                partial.write(json.dumps(rows[-1]) + "\n")
-                partial.flush()
-                progress.update()
-    result = info | {
-        "setting": "query-aware" if args.query_aware else "query-agnostic",
-        "prefill_chunk_size": args.prefill_chunk_size, "seed": args.seed, "seconds": round(time.perf_counter() - started, 1),
-        "summary": summarize(rows), "cases": rows,
+    run = info | {
+        "setting": "query-aware" if args.query_aware else "query-agnostic", "prefill_chunk_size": args.prefill_chunk_size,
+        "seed": args.seed, "systems": len(systems), "planned_cases": len(cases),
     }
+    (out / RUN_FILE).write_text(json.dumps(run, indent=1))  # with the per-case lines, a run cut short can be reported
+    rows = []
+    partial = (out / CASES_FILE).open("w")  # every case as soon as it is done
+    started = time.perf_counter()
+    try:
+        with partial, tqdm(total=len(cases) * len(systems), desc="bench longctx", unit="case") as progress:
+            for case in cases:  # every system on a case before the next: slow drift of the machine hits all alike
+                for system in systems:
+                    progress.set_postfix_str(f"{case.task}@{case.length} {system.system}:{system.label}")
+                    reset_peak_rss()
+                    answer = system.answer(case)
+                    rows.append({
+                        "system": system.system, "method": system.label, "task": case.task, "length": case.length,
+                        "case": case.index, "prompt_tokens": len(case.context_ids) + len(case.question_ids),
+                        "score": None if answer.perplexity is not None else score(case, answer),
+                        **asdict(answer), "peak_rss_bytes": peak_rss_bytes(),
+                    })
+                    partial.write(json.dumps(rows[-1]) + "\n")
+                    partial.flush()
+                    progress.update()
+    except KeyboardInterrupt:
+        print("bench longctx: interrupted; the report covers the cases every system finished")
+    result = finished_result(run, rows, round(time.perf_counter() - started, 1))
     write_report("longctx", result, out)
     print((out / "longctx.md").read_text())
     return result
+
+
+def finished_result(run: dict, rows: list[dict], seconds: float | None) -> dict:
+    """The result of a run from its rows, keeping only the cases every system finished (all of them unless
+    the run was cut short)."""
+    counts = Counter((row["task"], row["length"], row["case"]) for row in rows)
+    rows = [row for row in rows if counts[(row["task"], row["length"], row["case"])] == run["systems"]]
+    done = len(rows) // run["systems"]
+    cut_short = f"cut short after {done} of {run['planned_cases']} cases" if done < run["planned_cases"] else None
+    return run | {"seconds": seconds, "cut_short": cut_short, "summary": summarize(rows), "cases": rows}
+
+
+def result_of_cut_run(folder: Path) -> dict:
+    """The result of a run stopped before it wrote longctx.json, from its recorded settings and case lines."""
+    run = json.loads((folder / RUN_FILE).read_text())
+    rows = [json.loads(line) for line in (folder / CASES_FILE).read_text().splitlines() if line.strip()]
+    return finished_result(run, rows, None)

@@ -51,10 +51,13 @@ def _fmt(value, spec: str) -> str:
 
 
 def markdown(result: dict) -> str:
+    took = "time not recorded" if result["seconds"] is None else f"{result['seconds']} s in all"
+    if result.get("cut_short"):
+        took += f", {result['cut_short']}"
     lines = [
         f"Command: `{result['command']}`", "",
         f"{caption(result)}; {result['setting']}; {versions(result)}; seed {result['seed']}, prefill chunk {result['prefill_chunk_size']} tokens "
-        f"(ours compresses after each), {result['seconds']} s in all. KV x full: KV bytes held while decoding over "
+        f"(ours compresses after each), {took}. KV x full: KV bytes held while decoding over "
         "transformers' full cache on the same case. Decode x HF: decode tokens/s over transformers' full cache in the same run.", "",
     ]
     by_table = defaultdict(list)

@@ -1,6 +1,7 @@
 """A benchmark run written out: its JSON, Markdown table and plot, side by side in one folder; and
 `tokensieve bench report FOLDER`, which writes a recorded run's table and plot again from its JSON
-(after a change to the report, or to draw a run made elsewhere)."""
+(after a change to the report, or to draw a run made elsewhere), or, for a `bench longctx` run stopped
+before its end, from the cases every system finished."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def write_report(kind: str, result: dict, out: Path) -> None:
 def rewrite_report(folder: str) -> list[Path]:
     """Write the table and plot of the run recorded in `folder`; returns the paths written."""
     out = Path(folder)
+    if not (out / "longctx.json").is_file() and (out / "longctx_run.json").is_file():  # a bench longctx cut short
+        from .longctx import result_of_cut_run
+
+        write_report("longctx", result_of_cut_run(out), out)
     found = [kind for kind in REPORTS if (out / f"{kind}.json").is_file()]
     if not found:
         raise ConfigError(f"{out} holds no benchmark result (one of {', '.join(f'{k}.json' for k in REPORTS)})")

@@ -245,15 +245,16 @@ class PagedAttention:
         budget = self._budget_blocks[layer]
         shortlist = self.selection.shortlist or 0
         if self.kernels is not None:
+            keys = pool.keys if shortlist else _NO_KEYS
             selected, selected_lengths, places = self.kernels.select_blocks(
-                q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size, pool.keys if shortlist else _NO_KEYS, shortlist
+                q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size, keys, shortlist
             )
         else:
             queries = self._per_sequence(q, tables)
             bounds = block_bounds(queries, pool.key_min[tables], pool.key_max[tables])
             if shortlist:
                 listed = shortlisted(bounds, lengths, budget, pool.block_size, shortlist)
-                keys = pool.read_blocks("keys", tables.flatten()).view(*tables.shape, pool.block_size, -1)
+                keys = pool.read_blocks("keys", tables.flatten()).view(*tables.shape, pool.block_size, -1)  # all: a reference
                 bounds = shortlist_scores(queries, keys, listed)
             selected, selected_lengths, places = select_blocks(bounds, tables, lengths, budget, pool.block_size)
         if self.decode.selection_caches is not None:

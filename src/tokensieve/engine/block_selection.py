@@ -8,8 +8,8 @@ entries, the only one not full) and the first (the attention sinks) always are, 
 priority. A head with no more blocks than its budget attends to all of them, so a budget covering every
 block is exactly full attention. With a shortlist, the bounds only shortlist the candidates between the
 first and the last block, and each candidate's best exact score picks among them (shortlist_scores). The
-native kernels (kernels/block_selection.cpp) do the same in one
-call per layer; this is the rule in PyTorch, for devices without them.
+native kernels (kernels/block_selection.cpp) do the same in one call per layer; this is the rule in
+PyTorch, for devices without them.
 """
 
 from __future__ import annotations
