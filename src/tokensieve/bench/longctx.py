@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -68,12 +69,21 @@ def build_systems(args, llm, hf_model):
                     config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation, **variant)
                     systems.append(OursSystem(llm, config, args.query_aware, kv_dtype=kv_dtype))
     if hf_model is not None:
+        if args.presses:
+            _name_tokenizer_folder(hf_model, llm.tokenizer, Path(tempfile.mkdtemp(prefix="tokensieve-tokenizer-")))
         systems.append(TransformersSystem(hf_model, llm.tokenizer, None, None, args.query_aware))
         head_scores = llm.engine.retrieval_scores() if "duo_attention" in args.presses else None
         for press in args.presses:
             for ratio in args.keep_ratios:
                 systems.append(TransformersSystem(hf_model, llm.tokenizer, press, ratio, args.query_aware, head_scores))
     return systems
+
+
+def _name_tokenizer_folder(hf_model, tokenizer, folder: Path) -> None:
+    """kvpress's KVzip loads the tokenizer from the model's name_or_path, which for a GGUF file is a folder
+    transformers reads no tokenizer from without the file's name: point it at a copy of ours."""
+    tokenizer.save_pretrained(folder)
+    hf_model.config.name_or_path = str(folder)
 
 
 def run_longctx_benchmark(args) -> dict:
