@@ -73,14 +73,13 @@ float best_score(const float* q, const T* keys, int64_t dim, int64_t block_size)
   return best;
 }
 
-// each shortlisted block's score: per query head, its best key score softmax-normalised over the shortlist,
-// summed over the group
+// add each shortlisted block's score to `score` (zeros): per query head, its best key score softmax-normalised
+// over the shortlist, summed over the group
 template <typename T>
 void shortlist_scores(const float* queries, int64_t stride, int64_t group, const T* keys, const int64_t* blocks,
                       const std::vector<int64_t>& shortlist, int64_t dim, int64_t block_size, std::vector<float>& score) {
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
   std::vector<float> best(shortlist.size());
-  std::fill(score.begin(), score.end(), 0.f);
   for (int64_t g = 0; g < group; ++g) {
     float top = -std::numeric_limits<float>::infinity(), total = 0.f;
     for (size_t i = 0; i < shortlist.size(); ++i) {
