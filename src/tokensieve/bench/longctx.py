@@ -69,7 +69,7 @@ def build_systems(args, llm, hf_model):
                     config = KVPolicyConfig(name, keep_ratio=ratio, allocation=args.allocation, **variant)
                     systems.append(OursSystem(llm, config, args.query_aware, kv_dtype=kv_dtype))
     if hf_model is not None:
-        if args.presses:
+        if "kvzip" in args.presses:
             _name_tokenizer_folder(hf_model, llm.tokenizer, Path(tempfile.mkdtemp(prefix="tokensieve-tokenizer-")))
         systems.append(TransformersSystem(hf_model, llm.tokenizer, None, None, args.query_aware))
         head_scores = llm.engine.retrieval_scores() if "duo_attention" in args.presses else None

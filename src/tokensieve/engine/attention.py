@@ -40,9 +40,8 @@ from .selection_cache import Choice
 
 # observer(layer, logits [kv_heads, group, queries, entries], first query, observed queries this forward)
 Observer = Callable[[int, torch.Tensor, int, int], None]
-_NO_KEYS = torch.empty(0)  # what the selection kernel reads when it does not rescore a shortlist
 OBSERVED_QUERIES_PER_SLICE = 256  # bounds the logits held at once while observing a long chunk
-NO_BLOCKS = torch.empty(0)  # the kernels' block arguments when no sequence verifies a draft
+UNUSED = torch.empty(0)  # a kernel argument the call does not read (no draft verified, no shortlist rescored)
 
 
 @dataclass
@@ -245,7 +244,7 @@ class PagedAttention:
         budget = self._budget_blocks[layer]
         shortlist = self.selection.shortlist or 0
         if self.kernels is not None:
-            keys = pool.keys if shortlist else _NO_KEYS
+            keys = pool.keys if shortlist else UNUSED
             selected, selected_lengths, places = self.kernels.select_blocks(
                 q, pool.key_min, pool.key_max, tables, lengths, budget, pool.block_size, keys, shortlist
             )
@@ -309,8 +308,8 @@ class PagedAttention:
         group = self.decode
         head_dim = q.shape[-1]
         tables, lengths = self._decode_blocks(layer, q)
-        block_rows = group.block_rows if group.block_rows is not None else NO_BLOCKS
-        visibility = group.block_visibility if group.block_visibility is not None else NO_BLOCKS
+        block_rows = group.block_rows if group.block_rows is not None else UNUSED
+        visibility = group.block_visibility if group.block_visibility is not None else UNUSED
         scores = self.pool.paged_scores(q, tables, lengths, head_dim**-0.5, group.row_of_slot, visibility, block_rows)
         group_size = q.shape[1] // tables.shape[1]
         for seq, observer in group.observers.items():
