@@ -1,4 +1,4 @@
-"""Command line: `tokensieve generate | chat | serve | bench`."""
+"""Command line: `tokensieve generate | chat | serve | embed | bench`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 import time
 
 from .bench.longctx_parser import add_longctx_parser
+from .embed_command import add_embed_command
 from .errors import TokensieveError
 from .weights.packaged import DEFAULT_MODEL
 
@@ -179,6 +180,9 @@ def _add_serve_command(sub) -> None:
     serve.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
     serve.add_argument("--scheduling", default="vtc", choices=["vtc", "fcfs"],
                        help="vtc: fair between clients (API key or `user`); fcfs: first come, first served")
+    serve.add_argument("--embedding-model", default=None,
+                       help="also serve this encoder at /v1/embeddings, under this name (packaged alias such as "
+                            "all-minilm-l6-v2, or a sentence-transformers / BERT folder)")
     _add_model_options(serve)
     _add_kv_policy_options(serve)
     _add_speculative_options(serve)
@@ -193,19 +197,30 @@ def cmd_serve(args) -> None:
 
     from .server import create_app
 
+    def stop_on_failure(load):
+        def run():
+            try:
+                return load()
+            except BaseException:
+                server.should_exit = True  # the error is reported once uvicorn has stopped
+                raise
+        return run
+
     def load():
-        try:
-            llm = _load(args, max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching,
-                        scheduling=args.scheduling)
-        except BaseException:
-            server.should_exit = True  # the error is reported once uvicorn has stopped
-            raise
+        llm = _load(args, max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching,
+                    scheduling=args.scheduling)
         print(f"tokensieve: {args.model} is ready at http://{args.host}:{args.port}/v1", file=sys.stderr)
         return llm
 
+    def load_embedder():
+        from .embedder import Embedder
+
+        return Embedder(args.embedding_model, device=args.device)
+
     app = create_app(
-        load, served_model_name=args.served_model_name or args.model,
+        stop_on_failure(load), served_model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("TOKENSIEVE_API_KEY"), max_queue=args.max_queue,
+        embedder=stop_on_failure(load_embedder) if args.embedding_model else None,
     )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
     server.run()
@@ -256,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     _add_serve_command(sub)
+    add_embed_command(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -274,10 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_longctx_parser(bench_sub, _add_model_options)
     bench_sub.choices["longctx"].set_defaults(func=cmd_bench)
     from .bench.cpu_parser import add_cpu_parser
+    from .bench.embed_parser import add_embed_parser
     from .bench.serve_parser import add_serve_parser
 
     add_serve_parser(bench_sub, _add_model_options)  # `bench serve` runs through its own func
     add_cpu_parser(bench_sub)  # and `bench cpu` through its own
+    add_embed_parser(bench_sub)
     spec = bench_sub.add_parser("spec", help="speculative decoding on Spec-Bench beside plain decoding and HF prompt lookup")
     _add_model_options(spec)
     from .bench.spec import QUESTIONS

@@ -9,6 +9,7 @@ import torch
 from .config import EngineConfig
 from .engine.engine import LLMEngine
 from .errors import ConfigError, RequestError
+from .llm_embedding import embed_texts
 from .outputs import RequestOutput
 from .prompts import context_question_ids
 from .sampling_params import SamplingParams
@@ -122,3 +123,24 @@ class LLM:
             return self.engine.prompt_logits(request_id)
         finally:
             self.engine.abort(request_id)
+
+    def embed(
+        self,
+        texts: str | SequenceType[str],
+        pooling: str = "last",
+        prompt: str | None = None,
+        normalize: bool = True,
+        batch_size: int = 8,
+    ) -> torch.Tensor:
+        """Embeddings of texts from the final-norm hidden states, without generating or using the KV pool.
+
+        Returns a float32 CPU tensor: [hidden] for one string, [len(texts), hidden] for a list.
+        pooling: "last" (the last token's state) or "mean" (every token's, a BOS the tokenizer adds
+        included). prompt: None (the text as is), "prompteol" ('This sentence: "{text}" means in one
+        word:"', which helps models not trained to embed) or a template containing "{text}".
+        normalize: L2-normalize each vector. batch_size: texts per forward (texts of similar lengths
+        run together); lower it for long texts.
+        """
+        return embed_texts(
+            self.engine.model, self.tokenizer, texts, pooling, prompt, normalize, batch_size, self.engine.max_model_len
+        )

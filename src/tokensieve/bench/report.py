@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from . import cpu_report, longctx_report, serve_report, spec_report, speed_report
+from . import cpu_report, embed_report, longctx_report, serve_report, spec_report, speed_report
 
 REPORTS = {"speed": speed_report, "spec": spec_report, "longctx": longctx_report, "serve": serve_report,
-           "cpu": cpu_report}  # each: markdown(), write_plot()
+           "cpu": cpu_report, "embed": embed_report}  # each: markdown(), write_plot()
 
 
 def render(kind: str, result: dict, out: Path) -> list[Path]:

@@ -165,10 +165,21 @@ class LlamaModel(nn.Module):
         logits_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """token_ids, positions: [tokens]. Returns float32 logits [len(logits_rows), vocab] (all rows if None)."""
+        return self.lm_head(self.hidden_states(token_ids, positions, attention, logits_rows)).float()
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionFn,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states [len(rows), hidden] (all rows if None), in the model's dtype."""
         x = self.embed_tokens(token_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attention)
-        if logits_rows is not None:
-            x = x[logits_rows]
-        return self.lm_head(self.norm(x)).float()
+        if rows is not None:
+            x = x[rows]
+        return self.norm(x)

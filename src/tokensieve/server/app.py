@@ -1,4 +1,5 @@
-"""The FastAPI app: OpenAI-compatible routes under /v1, tokenizer routes, health, metrics, stats, the chat page."""
+"""The FastAPI app: OpenAI-compatible routes under /v1 (embeddings in embeddings.py), tokenizer routes, health,
+metrics, stats, the chat page."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..embedder import Embedder
 from ..errors import RequestError
 from ..llm import LLM
 from .admission import check_admission
+from .embeddings import router as embeddings_router
 from .generation import ClientDisconnected, Generation, PROMPT_FIELDS
 from .protocol import (
     APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, request_error, validation_error,
@@ -59,7 +62,10 @@ async def list_models(request: Request) -> dict:
     model = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "tokensieve"}
     if state.engine_thread is not None:
         model["max_model_len"] = state.max_model_len
-    return {"object": "list", "data": [model]}
+    models = [model]
+    if state.embedding is not None:
+        models.append({"id": state.embedding.name, "object": "model", "created": 0, "owned_by": "tokensieve"})
+    return {"object": "list", "data": models}
 
 
 @v1.post("/completions")
@@ -180,24 +186,31 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     return _error_response(APIError(500, f"the server failed: {exc!r}", type="server_error"))
 
 
+def _loader(model):
+    """A function that loads `model`, or that gives it as it is if it is loaded (or None)."""
+    return model if callable(model) else lambda: model
+
+
 def create_app(llm: LLM | Callable[[], LLM], *, served_model_name: str, api_key: str | None = None,
-               max_queue: int = 64) -> FastAPI:
+               max_queue: int = 64, embedder: Embedder | Callable[[], Embedder] | None = None) -> FastAPI:
     """The server's app over a loaded `llm`, or over a function that loads one: the app then loads it in the
-    background when it starts, and /health answers 503 until it is ready."""
+    background when it starts, and /health answers 503 until it is ready. An `embedder` (or a function that
+    loads one, in the background too) answers /v1/embeddings under its name."""
     state = ServerState(served_model_name, api_key, max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if isinstance(llm, LLM):
-            state.attach(llm)
+        if isinstance(llm, LLM) and not callable(embedder):
+            state.attach(llm, embedder)
         else:
-            state.load_in_background(llm)
+            state.load_in_background(_loader(llm), _loader(embedder))
         yield
         state.stop()
 
     app = FastAPI(title="tokensieve", lifespan=lifespan)
     app.state.server = state
     app.include_router(v1)
+    app.include_router(embeddings_router)
     app.include_router(root)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _invalid_body)

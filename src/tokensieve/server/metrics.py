@@ -63,6 +63,9 @@ class ServerMetrics:
         self._request_success = Counter(
             PREFIX + "request_success", "Requests finished, by reason.", ["model_name", "finished_reason"], registry=self.registry
         )
+        self.embedding_requests = Counter(
+            PREFIX + "embedding_requests", "Embedding requests answered.", ["model_name"], registry=self.registry
+        )
         self._model_name = model_name
 
     def observe_finished(self, out: RequestOutput) -> None:

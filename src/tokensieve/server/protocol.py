@@ -11,6 +11,7 @@ from ..errors import ContextLengthError, RequestError
 from ..sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 16
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 
 # OpenAI parameters tokensieve does not implement, with the value that asks for nothing (sent by some
 # clients by default): that value, or null, is accepted; anything else is a 400 naming the parameter.
@@ -191,6 +192,32 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def chat(self) -> list[dict[str, str]]:
         return [m.model_dump() for m in self.messages]
+
+
+class EmbeddingRequest(_Strict):
+    model: str | None = None
+    input: list[str] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None  # None: float
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        """A string, a list of strings, token ids or a list of token id lists; always a list of inputs after."""
+        if isinstance(value, str) or (isinstance(value, list) and value and all(type(t) is int for t in value)):
+            value = [value]
+        texts = isinstance(value, list) and all(isinstance(t, str) for t in value)
+        token_lists = isinstance(value, list) and all(isinstance(t, list) and all(type(i) is int for i in t) for t in value)
+        if not value or not (texts or token_lists):
+            raise PydanticCustomError("input_type", "input must be a string, a list of strings, a list of token ids or "
+                                                    "a list of token id lists, and not empty")
+        if len(value) > MAX_EMBEDDING_INPUTS:
+            raise PydanticCustomError("input_length", f"input must hold at most {MAX_EMBEDDING_INPUTS} items")
+        empty = [i for i, item in enumerate(value) if len(item) == 0]
+        if empty:
+            raise PydanticCustomError("input_empty", f"input must not hold empty items (item {empty[0]} is empty)")
+        return value
 
 
 class TokenizeRequest(_Strict):

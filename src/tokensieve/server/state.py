@@ -1,5 +1,5 @@
-"""What the routes share: the model once it has loaded, the thread that owns its engine, the metrics,
-and the server's settings (served name, API key, queue limit)."""
+"""What the routes share: the model once it has loaded, the thread that owns its engine, the embedding
+model if one is served, the metrics, and the server's settings (served name, API key, queue limit)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import logging
 import threading
 from typing import Callable
 
+from ..embedder import Embedder
 from ..errors import ConfigError, ContextLengthError, RequestError
 from ..llm import LLM
+from .embeddings import EmbeddingWorker
 from .engine_thread import EngineThread
 from .metrics import ServerMetrics
 from .protocol import APIError, request_error
@@ -27,21 +29,27 @@ class ServerState:
         self.llm: LLM | None = None
         self.engine_thread: EngineThread | None = None
         self.token_texts: TokenTexts | None = None
+        self.embedding: EmbeddingWorker | None = None
         self.load_error: BaseException | None = None
         self.metrics = ServerMetrics(lambda: self.engine_thread.snapshot if self.engine_thread else None, served_model_name)
 
     # ---- the model --------------------------------------------------------------------------------
-    def attach(self, llm: LLM) -> None:
-        """Start serving `llm`: its engine gets a thread of its own."""
+    def attach(self, llm: LLM, embedder: Embedder | None = None) -> None:
+        """Start serving `llm` (its engine gets a thread of its own) and `embedder` if given."""
+        if embedder is not None:
+            self.embedding = EmbeddingWorker(embedder)
         self.llm, self.token_texts = llm, TokenTexts(llm.tokenizer)
         engine_thread = EngineThread(llm.engine)
         engine_thread.start()
         self.engine_thread = engine_thread  # set last: the routes take a set engine_thread to mean ready
 
-    def load_in_background(self, load: Callable[[], LLM]) -> None:
+    def load_in_background(self, load: Callable[[], LLM], load_embedder: Callable[[], Embedder | None]) -> None:
+        """Load the embedder (the smaller, so that a bad path fails fast), then the LLM, on a thread."""
+
         def run() -> None:
             try:
-                self.attach(load())
+                embedder = load_embedder()
+                self.attach(load(), embedder)
             except BaseException as exc:
                 self.load_error = exc
                 log.error("the model failed to load: %s", exc)
@@ -51,6 +59,8 @@ class ServerState:
     def stop(self) -> None:
         if self.engine_thread is not None:
             self.engine_thread.stop()
+        if self.embedding is not None:
+            self.embedding.stop()
 
     def ready(self) -> EngineThread:
         """The engine thread, or a 503 while the model loads (or failed to) and once the thread has stopped."""
@@ -60,6 +70,16 @@ class ServerState:
         if not self.engine_thread.is_alive():
             raise APIError(503, "the engine thread has stopped", type="server_error", code="engine_stopped")
         return self.engine_thread
+
+    def embedding_worker(self) -> EmbeddingWorker:
+        """The embedding model, a 503 while the models load, or a 404 when the server has none."""
+        if self.embedding is None:
+            if self.engine_thread is None:
+                self.ready()  # raises the 503 of a server still loading, or failed to
+            raise APIError(404, "this server serves no embedding model: start it with "
+                                "`tokensieve serve --embedding-model all-minilm-l6-v2` (or another encoder)",
+                           param="model", code="model_not_found")
+        return self.embedding
 
     @property
     def max_model_len(self) -> int:

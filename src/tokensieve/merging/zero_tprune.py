@@ -1,0 +1,47 @@
+"""Zero-TPrune ("Zero-Shot Token Pruning through Leveraging of the Attention Graph"): prune, not merge.
+
+Importance is a weighted PageRank over each head's attention graph (s <- A^T s from uniform scores over
+the row's real tokens), combined over heads by root mean square. Three stages: a one-iteration ranking
+splits the tokens into a less and a more important half; the less important tokens most similar (cosine
+of the merging metric) to one of the more important half are pruned (S-stage, half the removals); then
+full PageRank over the survivors prunes the least important (I-stage, the other half).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tokens import mergeable_mask, ranks
+
+
+def pagerank_iterations(layer: int, num_layers: int) -> int:
+    """The paper's counts: many iterations in the first third of the layers, few in the middle, one at the end."""
+    third = max(num_layers // 3, 1)
+    return 30 if layer < third else 5 if layer < num_layers - third else 1
+
+
+def importance(attention: torch.Tensor, alive: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Weighted PageRank of each token over the graph among `alive` tokens: attention [B, H, S, S] -> [B, S]."""
+    alive_scores = alive.to(attention.dtype)[:, None, :]
+    scores = alive_scores / alive_scores.sum(-1, keepdim=True)
+    for _ in range(iterations):
+        scores = (scores.unsqueeze(-2) @ attention).squeeze(-2) * alive_scores
+    return scores.pow(2).mean(1).sqrt()
+
+
+def zero_tprune_choice(size: torch.Tensor, metric: torch.Tensor, attention: torch.Tensor, removals: torch.Tensor,
+                       layer: int, num_layers: int):
+    """Tokens to drop: (no sources, their placeholder destinations, the kept mask)."""
+    mergeable = mergeable_mask(size)
+    similar_count = removals // 2
+    first_look = importance(attention, size > 0, 1).masked_fill(~mergeable, float("inf"))
+    less_important = mergeable & (ranks(-first_look) < mergeable.sum(1, keepdim=True) // 2)
+    similarity = (metric @ metric.transpose(1, 2)).masked_fill(~(mergeable & ~less_important)[:, None, :], float("-inf"))
+    best = similarity.amax(-1).masked_fill(~less_important, float("-inf"))
+    pruned = less_important & (ranks(best) < similar_count[:, None]) & (best > float("-inf"))
+    alive = (size > 0) & ~pruned
+    scores = importance(attention, alive, pagerank_iterations(layer, num_layers))
+    scores = scores.masked_fill(~(mergeable & alive), float("inf"))
+    pruned |= ranks(-scores) < (removals - pruned.sum(1))[:, None]
+    no_sources = torch.zeros_like(pruned)
+    return no_sources, torch.zeros_like(size, dtype=torch.long), (size > 0) & ~pruned
