@@ -106,12 +106,10 @@ class Embedder:
     def _embed_batch(self, rows: list[Sequence[int]], normalize_embeddings: bool) -> torch.Tensor:
         width = max(len(ids) for ids in rows)
         device = self.model.embeddings.word_embeddings.weight.device
-        token_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        size = torch.zeros(len(rows), width)
-        for row, ids in enumerate(rows):
-            token_ids[row, : len(ids)] = torch.tensor(ids)
-            size[row, : len(ids)] = 1
-        token_ids, size = token_ids.to(device), size.to(device)
+        pad = self.tokenizer.pad_token_id or 0
+        token_ids = torch.tensor([list(ids) + [pad] * (width - len(ids)) for ids in rows], device=device)
+        lengths = torch.tensor([len(ids) for ids in rows], device=device)
+        size = (torch.arange(width, device=device) < lengths[:, None]).float()
         reducer = make_reducer(self.merging, self.model.config.num_layers, size)
         hidden, size = self.model(token_ids, size, reducer)
         vectors = pool(hidden, size, self.pooling)

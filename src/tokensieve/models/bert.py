@@ -24,6 +24,7 @@ from ..errors import ModelLoadError
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 # below this many tokens per row, attention as two batched matrix products beats the fused kernel
 SHORT_ROWS = 64
+FUSED_ADD_ROWS = 2048
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,9 @@ class Linear(nn.Linear):
         return F.relu(y) if activation == "relu" else F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
 
     def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + x W^T + b, the add fused into the product where oneDNN runs it."""
-        if _fused(x):
+        """residual + x W^T + b, the add fused into the product where oneDNN runs it on enough rows (the
+        fused add costs a fixed ~0.4 ms a call, more than it saves on small batches)."""
+        if _fused(x) and x.numel() // x.shape[-1] >= FUSED_ADD_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, residual, self.weight, self.bias, "add")
         return torch.addmm(self.bias, x.flatten(0, -2), self.weight.t()).view_as(residual).add_(residual)
 
