@@ -116,7 +116,17 @@ def test_pads_never_change_a_result(embedder, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_ratio_zero_is_merging_off(embedder, method):
     off = embedder.encode(TEXTS, convert_to_tensor=True)
-    assert torch.equal(embedder.with_merging(MergingConfig(method, 0.0)).encode(TEXTS, convert_to_tensor=True), off)
+    for proportional in (True, False):
+        config = MergingConfig(method, 0.0, proportional_attention=proportional)
+        assert torch.equal(embedder.with_merging(config).encode(TEXTS, convert_to_tensor=True), off)
+
+
+def test_proportional_attention_weighs_a_merged_token_by_its_size(embedder):
+    on, off = (embedder.with_merging(MergingConfig("tome", 0.5, proportional_attention=p)).encode(TEXTS[1:3], convert_to_tensor=True)
+               for p in (True, False))
+    unmerged = embedder.encode(TEXTS[1:3], convert_to_tensor=True)
+    assert not torch.allclose(on, off, atol=1e-4)
+    assert (torch.nn.functional.cosine_similarity(on, unmerged) > torch.nn.functional.cosine_similarity(off, unmerged)).all()
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -52,14 +52,17 @@ def fidelity(vectors: torch.Tensor, reference: torch.Tensor) -> dict:
 
 
 def _settings(args) -> list[MergingConfig]:
-    return [MergingConfig(method, ratio, args.start_layer, schedule)
-            for method in args.methods for schedule in args.schedules for ratio in args.ratios]
+    return [MergingConfig(method, ratio, args.start_layer, schedule, metric, proportional == "on")
+            for method in args.methods for metric in args.metrics for proportional in args.proportional
+            for schedule in args.schedules for ratio in args.ratios]
 
 
 def _label(config: MergingConfig | None) -> str:
     if config is None:
         return "unmerged"
-    return f"{config.method} {config.ratio:g} {config.schedule}" + (f" from {config.start_layer}" if config.start_layer else "")
+    details = [f" from {config.start_layer}" if config.start_layer else "",
+               " on keys" if config.metric == "keys" else "", "" if config.proportional_attention else " no prop-attn"]
+    return f"{config.method} {config.ratio:g} {config.schedule}" + "".join(details)
 
 
 def run_embed_benchmark(args) -> dict:

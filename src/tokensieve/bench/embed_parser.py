@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..merging.config import METHODS, SCHEDULES
+from ..merging.config import METHODS, METRICS, SCHEDULES
 from ..weights.packaged import DEFAULT_ENCODER
 
 
@@ -27,6 +27,10 @@ def add_embed_parser(bench_sub) -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.3, 0.5, 0.7], help="fractions of tokens removed")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
     parser.add_argument("--start-layer", type=int, default=0, help="first layer that merges")
+    parser.add_argument("--metrics", nargs="+", default=["hidden"], choices=METRICS,
+                        help="what merging compares: hidden states after attention, or the attention keys")
+    parser.add_argument("--proportional", nargs="+", default=["on"], choices=["on", "off"],
+                        help="proportional attention (a merged token weighs as its size) on, off, or both")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every system (the median is reported)")
     parser.add_argument("--out", default="benchmarks/embed", help="folder for embed.json, embed_cases.jsonl, embed.md and embed.png")
     parser.set_defaults(func=_run_embed, dtype="float32", activations=None)

@@ -23,6 +23,9 @@ class PlannedReducer:
     def wants_attention(self, layer: int) -> bool:
         return self.config.method == "zero_tprune" and bool(self.plan[layer].any())
 
+    def attention_bias(self, size: torch.Tensor) -> torch.Tensor:
+        return size.log() if self.config.proportional_attention else (size > 0).to(size.dtype).log()
+
     def reduce(self, layer, x, size, keys, attention):
         removals = torch.minimum(self.plan[layer].to(size.device), mergeable_mask(size).sum(1) // 2)
         if not removals.any():

@@ -21,13 +21,16 @@ class MergingConfig:
     on: evenly ("constant") or more in early layers ("decreasing", weights L, L-1, ..., 1). metric: what
     similarity compares, the hidden states after attention ("hidden") or the attention keys averaged
     over heads ("keys", as the ToMe and PiToMe papers do); on all-MiniLM-L6-v2 the hidden states keep
-    the embeddings closer to the unmerged ones (BENCHMARKS.md)."""
+    the embeddings closer to the unmerged ones (BENCHMARKS.md). proportional_attention: a merged token
+    adds log(size) to the attention logits, so it weighs as the tokens it stands for (ToMe); off, it
+    weighs as one token (PiToMe's BERT code)."""
 
     method: str = "tome"
     ratio: float = 0.5
     start_layer: int = 0
     schedule: str = "constant"
     metric: str = "hidden"
+    proportional_attention: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

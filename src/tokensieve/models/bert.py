@@ -3,8 +3,8 @@
 Post-norm encoder: x = LayerNorm(x + Attention(x)); x = LayerNorm(x + FFN(x)), with learned absolute
 positions. Every token carries a size (1 for a real token, 0 for a pad): attention adds log(size) to
 its logits, which masks pads (log 0 = -inf) and, once tokens are merged, weighs a merged token by how
-many it stands for (ToMe's proportional attention). Between each layer's attention and its
-feed-forward block, an optional `reducer` merges or prunes tokens (see merging/).
+many it stands for (ToMe's proportional attention, which a reducer may turn off). Between each
+layer's attention and its feed-forward block, an optional `reducer` merges or prunes tokens (merging/).
 On a CPU the linears run through oneDNN with their bias, GELU or residual add fused into the matrix
 product: the encoder is bound by its matrix products, and the fusion saves a pass over each output.
 """
@@ -69,6 +69,9 @@ class TokenReducer(Protocol):
 
     def wants_attention(self, layer: int) -> bool:
         """Whether `reduce` needs this layer's attention probabilities."""
+
+    def attention_bias(self, size: torch.Tensor) -> torch.Tensor:
+        """What each token adds to the attention logits [B, S]: log(size), or 0 / -inf (pads) alone."""
 
     def reduce(self, layer: int, x: torch.Tensor, size: torch.Tensor, keys: torch.Tensor,
                attention: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +175,8 @@ class BertModel(nn.Module):
         size = size.to(x.dtype)
         for index, layer in enumerate(self.layers):
             want_probs = reducer is not None and reducer.wants_attention(index)
-            x, keys, probs = layer.attention(x, size.log()[:, None, None, :], want_probs)
+            bias = size.log() if reducer is None else reducer.attention_bias(size)
+            x, keys, probs = layer.attention(x, bias[:, None, None, :], want_probs)
             if reducer is not None:
                 x, size = reducer.reduce(index, x, size, keys, probs)
             x = layer.feed_forward(x)
