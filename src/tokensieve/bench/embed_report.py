@@ -7,6 +7,7 @@ from pathlib import Path
 from .plotting import pyplot, save
 from .provenance import versions
 
+TARGET_LENGTH, TARGET_SPEED, TARGET_COSINE = 256, 1.6, 0.98
 HEADER = ("| tokens | system | texts/s | vs sentence-transformers | vs unmerged | cosine to unmerged "
           "| top-10 overlap | Spearman |\n|---:|---|---:|---:|---:|---:|---:|---:|")
 
@@ -47,6 +48,9 @@ def write_plot(result: dict, path: Path) -> None:
             ax.scatter([r["vs_sentence_transformers"] for r in rows], [r["cosine"] for r in rows],
                        color=f"C{index}", label=method, s=28)
         ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+        if length == TARGET_LENGTH:  # issue 28's bar: this fast, this close to the unmerged model
+            ax.axvline(TARGET_SPEED, color="black", lw=0.8, ls="--")
+            ax.axhline(TARGET_COSINE, color="black", lw=0.8, ls="--", label="target")
         ax.set(title=f"{length} tokens", xlabel="texts/s vs sentence-transformers", ylabel="mean cosine to unmerged")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
