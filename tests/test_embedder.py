@@ -66,6 +66,8 @@ def test_bad_input_is_a_clear_error(embedder, tmp_path):
         embedder.encode(["fine"], batch_size=0)
     with pytest.raises(RequestError, match="takes 1 to 256"):
         embedder.encode_tokens([[101] * 300])
+    with pytest.raises(RequestError, match="input 1 holds token ids out of range"):
+        embedder.encode_tokens([[101, 102], [101, 30522, 102]])
     with pytest.raises(ModelLoadError, match="not found"):
         Embedder(tmp_path / "missing")
     with pytest.raises(ModelLoadError, match="no config.json"):
@@ -90,3 +92,12 @@ def test_a_folders_own_pooling_and_a_plain_bert_folder(tmp_path):
         assert cosine_similarity(ours, theirs).min() >= 0.9999
         assert torch.allclose(ours.norm(dim=1), theirs.norm(dim=1), rtol=1e-4)
         assert not torch.allclose(ours.norm(dim=1), torch.ones(2))
+
+
+def test_the_plain_pytorch_linears_give_the_fused_ones_vectors(embedder, monkeypatch):
+    """Off the CPU (or without oneDNN) the linears, GELU and residual adds run as separate PyTorch ops."""
+    texts = varied_texts(embedder)[::20]
+    fused = embedder.encode(texts, convert_to_tensor=True)
+    monkeypatch.setattr("tokensieve.models.bert._fused", lambda x: False)
+    plain = embedder.encode(texts, convert_to_tensor=True)
+    assert cosine_similarity(fused, plain).min() >= 0.99999

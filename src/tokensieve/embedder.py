@@ -91,6 +91,10 @@ class Embedder:
                 f"input {too_long[0]} has {len(token_ids[too_long[0]])} tokens; "
                 f"this model takes 1 to {self.max_seq_length}"
             )
+        vocab_size = self.model.config.vocab_size
+        unknown = [i for i, ids in enumerate(token_ids) if not all(0 <= t < vocab_size for t in ids)]
+        if unknown:
+            raise RequestError(f"input {unknown[0]} holds token ids out of range [0, {vocab_size})")
         order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
         out = torch.empty(len(token_ids), self.dimension)
         starts = range(0, len(order), batch_size)
