@@ -9,11 +9,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .errors import ModelLoadError, RequestError
 from .merging import MergingConfig, make_reducer
 from .models.bert import BertModel, bert_state_dict
-from .pooling import normalize, pool
+from .pooling import pool
 from .weights.encoder_folder import read_encoder_folder
 from .weights.packaged import DEFAULT_ENCODER, PACKAGED_ENCODERS, packaged_model_path
 
@@ -117,4 +118,4 @@ class Embedder:
         reducer = make_reducer(self.merging, self.model.config.num_layers, size)
         hidden, size = self.model(token_ids, size, reducer)
         vectors = pool(hidden, size, self.pooling)
-        return normalize(vectors) if self.normalizes or normalize_embeddings else vectors
+        return F.normalize(vectors, dim=-1) if self.normalizes or normalize_embeddings else vectors

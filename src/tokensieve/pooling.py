@@ -8,7 +8,6 @@ pads have size 0 and count for nothing. Real tokens fill each row's front (mergi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def pool(hidden: torch.Tensor, size: torch.Tensor, mode: str) -> torch.Tensor:
@@ -26,7 +25,3 @@ def pool(hidden: torch.Tensor, size: torch.Tensor, mode: str) -> torch.Tensor:
         last = (size > 0).sum(1) - 1
         return hidden[torch.arange(hidden.shape[0]), last]
     raise ValueError(f"unknown pooling mode {mode!r}")
-
-
-def normalize(vectors: torch.Tensor) -> torch.Tensor:
-    return F.normalize(vectors, p=2, dim=-1)

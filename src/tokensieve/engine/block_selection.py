@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ranking import ranks
+
 
 def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) -> torch.Tensor:
     """Upper bounds [seqs, kv_heads, blocks] of q . k over each block's keys; q [seqs, kv_heads, group, dim],
@@ -23,13 +25,6 @@ def block_bounds(q: torch.Tensor, key_min: torch.Tensor, key_max: torch.Tensor) 
     q = q.float().unsqueeze(3)  # [seqs, kv_heads, group, 1, dim]
     low, high = key_min.float().unsqueeze(2), key_max.float().unsqueeze(2)
     return torch.maximum(q * low, q * high).sum(-1).amax(2)
-
-
-def _ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Each block's place [..., blocks] when its row is sorted by score, highest first (ties: earlier first)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    index = torch.arange(scores.shape[-1], device=scores.device)
-    return torch.empty_like(order).scatter_(-1, order, index.expand_as(order))
 
 
 def select_blocks(
@@ -46,7 +41,7 @@ def select_blocks(
     scores = scores.masked_fill(index == 0, torch.finfo(scores.dtype).max)
     scores = scores.masked_fill(index == num_blocks.unsqueeze(-1) - 1, float("inf"))
     budget = torch.minimum(budget_blocks, num_blocks).clamp(min=1)
-    chosen = _ranks(scores) < budget.unsqueeze(-1)
+    chosen = ranks(scores) < budget.unsqueeze(-1)
     first_chosen = torch.argsort((~chosen).to(torch.uint8), dim=-1, stable=True)[..., : int(budget.max())]
     selected = torch.gather(tables, -1, first_chosen)
     last_entries = lengths - (num_blocks - 1) * block_size
@@ -61,7 +56,7 @@ def shortlisted(bounds: torch.Tensor, lengths: torch.Tensor, budget_blocks: torc
     num_blocks = ((lengths + block_size - 1) // block_size).unsqueeze(-1)
     middle = (index > 0) & (index < num_blocks - 1)
     to_choose = (torch.minimum(budget_blocks, num_blocks.squeeze(-1)) - 2).clamp(min=0)
-    return middle & (_ranks(bounds.masked_fill(~middle, float("-inf"))) < (to_choose * factor).unsqueeze(-1))
+    return middle & (ranks(bounds.masked_fill(~middle, float("-inf"))) < (to_choose * factor).unsqueeze(-1))
 
 
 def shortlist_scores(q: torch.Tensor, keys: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:

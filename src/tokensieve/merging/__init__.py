@@ -27,15 +27,16 @@ class PlannedReducer:
         return size.log() if self.config.proportional_attention else (size > 0).to(size.dtype).log()
 
     def reduce(self, layer, x, size, keys, attention):
-        removals = torch.minimum(self.plan[layer].to(size.device), mergeable_mask(size).sum(1) // 2)
+        mergeable = mergeable_mask(size)
+        removals = torch.minimum(self.plan[layer].to(size.device), mergeable.sum(1) // 2)
         if not removals.any():
             return x, size
         metric = F.normalize(x if self.config.metric == "hidden" else keys.mean(1), dim=-1)
         if self.config.method == "tome":
-            return merge(x, size, *tome_choice(size, metric, removals))
+            return merge(x, size, *tome_choice(mergeable, metric, removals))
         if self.config.method == "pitome":
-            return merge(x, size, *pitome_choice(size, metric, removals, layer, len(self.plan)))
-        return merge(x, size, *zero_tprune_choice(size, metric, attention, removals, layer, len(self.plan)))
+            return merge(x, size, *pitome_choice(mergeable, metric, removals, layer, len(self.plan)))
+        return merge(x, size, *zero_tprune_choice(size, mergeable, metric, attention, removals, layer, len(self.plan)))
 
 
 def make_reducer(config: MergingConfig | None, num_layers: int, size: torch.Tensor) -> PlannedReducer | None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import mergeable_mask, ranks
+from ..ranking import ranks
 
 
-def pitome_choice(size: torch.Tensor, metric: torch.Tensor, removals: torch.Tensor, layer: int, num_layers: int):
-    """Which tokens merge (sources [B, S]) and into which positions, r = removals[b] per row; metric
-    [B, S, d] is unit-norm."""
-    mergeable = mergeable_mask(size)
+def pitome_choice(mergeable: torch.Tensor, metric: torch.Tensor, removals: torch.Tensor, layer: int, num_layers: int):
+    """Which tokens merge (sources [B, S]) and into which positions, r = removals[b] per row, among the
+    mergeable tokens [B, S] (see tokens.mergeable_mask); metric [B, S, d] is unit-norm."""
     similarity = metric @ metric.transpose(1, 2)
     sigma = 1 - (0.9 - 0.25 * layer / num_layers)
     kernel = torch.exp(-0.5 * ((1 - similarity) / sigma) ** 2) * mergeable[:, None, :]

@@ -17,22 +17,15 @@ def mergeable_mask(size: torch.Tensor) -> torch.Tensor:
     return real & (positions > 0) & (positions < last)
 
 
-def ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Each entry's place when its row is sorted by score, highest first (0 = best; ties keep order)."""
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    places = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, places)
-
-
 def merge(x: torch.Tensor, size: torch.Tensor, sources: torch.Tensor, destination: torch.Tensor,
           kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge every source token into its destination by a size-weighted average, then drop the
     sources (and any token outside `kept`). sources [B, S] bool, destination [B, S] positions."""
-    weight = size * sources
+    weight, own = size * sources, size * ~sources
     destination = torch.where(sources, destination, torch.zeros_like(destination))
     received = torch.zeros_like(size).scatter_add_(1, destination, weight)
-    total = size * ~sources + received
-    summed = (x * (size * ~sources).unsqueeze(-1)).scatter_add_(
+    total = own + received
+    summed = (x * own.unsqueeze(-1)).scatter_add_(
         1, destination.unsqueeze(-1).expand_as(x), x * weight.unsqueeze(-1))
     merged_into = received > 0
     x = torch.where(merged_into.unsqueeze(-1), summed / total.clamp_min(1e-12).unsqueeze(-1), x)

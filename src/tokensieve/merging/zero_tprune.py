@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokens import mergeable_mask, ranks
+from ..ranking import ranks
 
 
 def pagerank_iterations(layer: int, num_layers: int) -> int:
@@ -31,10 +31,10 @@ def importance(attention: torch.Tensor, alive: torch.Tensor, iterations: int) ->
     return scores.pow(2).mean(1).sqrt()
 
 
-def zero_tprune_choice(size: torch.Tensor, metric: torch.Tensor, attention: torch.Tensor, removals: torch.Tensor,
-                       layer: int, num_layers: int):
-    """Tokens to drop: (no sources, their placeholder destinations, the kept mask)."""
-    mergeable = mergeable_mask(size)
+def zero_tprune_choice(size: torch.Tensor, mergeable: torch.Tensor, metric: torch.Tensor, attention: torch.Tensor,
+                       removals: torch.Tensor, layer: int, num_layers: int):
+    """Tokens to drop, among the mergeable ones [B, S] (see tokens.mergeable_mask): (no sources, their
+    placeholder destinations, the kept mask)."""
     similar_count = removals // 2
     first_look = importance(attention, size > 0, 1).masked_fill(~mergeable, float("inf"))
     less_important = mergeable & (ranks(-first_look) < mergeable.sum(1, keepdim=True) // 2)
