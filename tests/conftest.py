@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 torch.set_num_threads(2)
 
@@ -34,3 +38,37 @@ def assert_pool_empty(llm) -> None:
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert engine.kv_memory()["allocated_bytes"] == 0
     assert not engine.has_unfinished()
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on any op that reads a tensor's value on the host (.item(), int(), bool()) or whose output shape
+    depends on values (nonzero, masked_select, boolean indexing): what CUDA graph capture forbids.
+    Use it with NoValuesToPython, which catches .tolist() and .numpy() (they call no aten op)."""
+
+    FORBIDDEN = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.masked_select}
+    INDEXING = {torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten.index_put_, torch.ops.aten._index_put_impl_}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.FORBIDDEN or (func.overloadpacket in self.INDEXING and boolean_index(args[1])):
+            raise AssertionError(f"host sync: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class NoValuesToPython(TorchFunctionMode):
+    """Fails on .tolist() and .numpy(), which hand a tensor's values to Python."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.tolist, torch.Tensor.numpy):
+            raise AssertionError(f"host sync: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def boolean_index(indices) -> bool:
+    return any(index is not None and index.dtype in (torch.bool, torch.uint8) for index in indices)
+
+
+@contextmanager
+def no_host_sync():
+    """Within it, any read of a tensor's values by the host raises AssertionError("host sync: ...")."""
+    with NoValuesToPython(), NoHostSync():
+        yield

@@ -72,21 +72,20 @@ def test_greedy_walk_applies_the_repetition_penalty_along_the_path():
     assert emitted[:2] == [7, 8] and path[:3] == [0, 1, 2]
 
 
-def test_sampled_walk_draws_what_plain_sampling_draws_with_the_same_generator():
-    """Each emitted token is one draw from the node's warped distribution, in order."""
+def test_sampled_walk_draws_what_plain_sampling_draws_with_the_same_seed():
+    """Each emitted token is the draw plain sampling makes at its position, in order."""
     tree = small_tree()
     logits = torch.randn(5, 12, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=0.7, top_k=6)
-    path, emitted = accept_path(tree, logits, params, [1], torch.Generator().manual_seed(3))
-    from tokensieve.engine.sampler import target_distribution
+    from tokensieve.engine.sampler import draw_token
 
-    generator = torch.Generator().manual_seed(3)
-    node, expected = 0, []
-    for _ in emitted:
-        token = int(torch.multinomial(target_distribution(logits[node], params, [1] + expected), 1, generator=generator))
-        expected.append(token)
-        node = tree.children(node).get(token, -1)
-    assert emitted == expected and len(path) == len(emitted)
+    for seed in range(20):
+        path, emitted = accept_path(tree, logits, params, [1], seed)
+        node, expected = 0, []
+        for _ in emitted:
+            expected.append(draw_token(logits[node], params, [1] + expected, seed))
+            node = tree.children(node).get(expected[-1], -1)
+        assert emitted == expected and len(path) == len(emitted)
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_match():
@@ -253,3 +252,18 @@ def test_keep_appended_moves_the_accepted_path_behind_the_prefix_and_frees_the_r
     # head 0: entries 3+2=5 -> 4 and 3+5=8 -> 5; entry i lives in block i // 4 at offset i % 4
     assert source[:2].tolist() == [11 * 4 + 1, 12 * 4 + 0] and destination[:2].tolist() == [11 * 4 + 0, 11 * 4 + 1]
     assert not table.compacted
+
+
+def test_a_gpu_lets_the_tuner_keep_big_trees():
+    """Where a drafted token costs next to nothing the tuner keeps every node worth anything, up to the
+    device's cap: 128 on a GPU (the latency grid's top), 32 on a CPU."""
+    assert SpeculativeConfig().on_device("cpu").max_nodes == 32
+    gpu = SpeculativeConfig(drafters=("lookup",)).on_device("cuda")
+    assert (gpu.max_nodes, gpu.recycling_slots) == (128, 80)
+    assert SpeculativeConfig(max_nodes=7).on_device("cuda").max_nodes == 7  # what a user sets stays
+    tree = DraftTree(1)
+    for branch in range(60):  # 60 chains of 3: 180 drafted nodes, each worth something
+        tree.add_chain(0, [100 + 3 * branch, 101 + 3 * branch, 102 + 3 * branch], [("a", depth) for depth in range(3)])
+    tree.value(lambda key: 0.5)
+    speculator = Speculator(gpu, 500, FakeLatency(1e-4), 1000)
+    assert speculator._tree_sizes([tree], 1, 100.0) == [128]

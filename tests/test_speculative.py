@@ -137,17 +137,17 @@ def _chi_square_p(a: Counter, b: Counter) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
 
 
-def _greedy_acceptance(tree, logits, params, token_ids, generator=None, greedy_tokens=None):
+def _greedy_acceptance(tree, logits, params, token_ids, seed=0, greedy_tokens=None):
     """A lossy rule: accept a drafted child when it is the target's most likely token (greedy
     verification reused under sampling), else draw from the target. It must fail the test below."""
-    from tokensieve.engine.sampler import target_distribution
+    from tokensieve.engine.sampler import draw_token, target_distribution
 
     node, path, emitted = ROOT, [ROOT], []
     while True:
         probs = target_distribution(logits[node], params, token_ids + emitted)
         children = tree.children(node)
         best = int(probs.argmax())
-        token = best if best in children else int(torch.multinomial(probs, 1, generator=generator))
+        token = best if best in children else draw_token(logits[node], params, token_ids + emitted, seed)
         emitted.append(token)
         if token not in children:
             return path, emitted
@@ -193,3 +193,14 @@ def test_speculative_config_rejects_unknown_drafters():
     with pytest.raises(ValueError, match="unknown drafter 'medusa'"):
         SpeculativeConfig(drafters="lookup,medusa")
     assert SpeculativeConfig(drafters="lookup, recycling").drafters == ("lookup", "recycling")
+
+
+def test_seeded_sampling_gives_the_same_tokens_with_speculation(llm):
+    """A draw is a function of the seed and the position (and the distribution), so verifying drafts
+    draws what plain sampling draws."""
+    prompt = "Repeat after me: the quick brown fox jumps over the lazy dog. The quick brown fox"
+    params = [SamplingParams(max_tokens=24, temperature=0.7, seed=seed) for seed in range(3)]
+    spec = llm.with_options(speculative=SpeculativeConfig(drafters=("lookup",), max_nodes=8, tune=False))
+    plain_tokens = [o.token_ids for o in llm.generate([prompt] * 3, params)]
+    assert [o.token_ids for o in spec.generate([prompt] * 3, params)] == plain_tokens
+    assert spec.engine.counts["spec_accepted_tokens"] > 0

@@ -50,9 +50,10 @@ def test_logits_match_transformers(tiny):
     assert (logits - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_greedy_tokens_match_transformers(tiny):
+@pytest.mark.parametrize("static_decode", [False, True])
+def test_greedy_tokens_match_transformers(tiny, static_decode):
     kind, hf, folder = tiny
-    ours = LLM(str(folder), block_size=4)
+    ours = LLM(str(folder), block_size=4, static_decode=static_decode)
     ids = torch.randint(0, 49152, (20,), generator=torch.Generator().manual_seed(2)).tolist()
     out = ours.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     with torch.inference_mode():

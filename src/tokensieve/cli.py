@@ -62,7 +62,8 @@ def _add_speculative_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--drafters", default=",".join(DEFAULT_DRAFTERS), help=f"comma-separated, of: {', '.join(DRAFTERS)}"
     )
-    parser.add_argument("--max-draft-nodes", type=int, default=32, help="drafted tokens per forward, at most")
+    parser.add_argument("--max-draft-nodes", type=int, default=None,
+                        help="drafted tokens per forward, at most (default: 32 on a CPU, 128 on a GPU)")
 
 
 def _speculative(args):
@@ -277,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     speed = bench_sub.add_parser("speed", help="prefill and decode tokens/s beside transformers")
     _add_model_options(speed)
+    from .bench.model_shapes import SHAPES
+
+    speed.add_argument("--shape", default=None, help=f"measure random weights of a model's shape instead of --model "
+                                                     f"({', '.join(SHAPES)}; SmolLM2's vocabulary)")
+    speed.add_argument("--static-decode", default="auto", choices=["auto", "on", "off"],
+                       help="decode steps from static device buffers (CUDA graphs on CUDA); auto: on for CUDA only")
+    speed.add_argument("--bandwidth-gbs", type=float, default=4800.0,
+                       help="the GPU's memory bandwidth that decode steps' reads are measured against (H200: 4800)")
     speed.add_argument("--prefill-lengths", type=int, nargs="+", default=[512, 2048])
     speed.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     speed.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -305,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--per-category", type=int, default=10, help="prompts per category (the first ones)")
     spec.add_argument("--max-tokens", type=int, default=256)
     spec.add_argument("--drafters", default=",".join(DEFAULT_DRAFTERS), help=f"comma-separated, of: {', '.join(DRAFTERS)}")
-    spec.add_argument("--max-nodes", type=int, default=32)
+    spec.add_argument("--max-nodes", type=int, default=None, help="drafted tokens per forward, at most (default: the device's)")
     spec.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens")
     spec.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
     spec.add_argument("--out", default="benchmarks/spec", help="folder for spec.json, spec_cases.jsonl, spec.md and spec.png")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -148,15 +148,16 @@ class SpeculativeConfig:
     under the forward latency measured on this machine; without, it always keeps max_nodes."""
 
     drafters: tuple[str, ...] = DEFAULT_DRAFTERS
-    max_nodes: int = 32  # drafted nodes per sequence and forward, at most
+    max_nodes: int | None = None  # drafted nodes per sequence and forward, at most (None: the device's, see on_device)
     max_depth: int = 8
     tune: bool = True
     lookup_max_ngram: int = 3
     recycling_top_k: int = 8
-    # nodes of Token Recycling's static tree, before the tuner prunes it; 20, not the paper's 80: trees
-    # kept at 4-16 nodes emitted as many tokens per forward with 20 as with 40 or 80 on Spec-Bench
-    # (benchmarks/scripts/acceptance_curve.py --recycling-slots), and each slot costs drafting time every step
-    recycling_slots: int = 20
+    # nodes of Token Recycling's static tree, before the tuner prunes it (None: the device's). On a CPU 20, not
+    # the paper's 80: trees kept at 4-16 nodes emitted as many tokens per forward with 20 as with 40 or 80 on
+    # Spec-Bench (benchmarks/scripts/acceptance_curve.py --recycling-slots), and each slot costs drafting time
+    # every step; on a GPU, where the tuner may keep many more nodes, the paper's 80
+    recycling_slots: int | None = None
     recycling_seed_tokens: int = 128  # the prompt's last tokens whose logits seed the successor matrix
     lookahead_ngram: int = 4
     lookahead_width: int = 4
@@ -169,6 +170,8 @@ class SpeculativeConfig:
         if unknown or not self.drafters:
             raise ConfigError(f"unknown drafter {unknown[0] if unknown else '(none given)'!r}; choose from {', '.join(DRAFTERS)}")
         for name in ("max_nodes", "max_depth", "lookup_max_ngram", "recycling_top_k", "recycling_slots", "lookahead_width"):
+            if name in ("max_nodes", "recycling_slots") and getattr(self, name) is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.recycling_top_k > 64:
@@ -177,6 +180,15 @@ class SpeculativeConfig:
             raise ConfigError(f"recycling_seed_tokens must be an integer >= 0, got {self.recycling_seed_tokens!r}")
         if not isinstance(self.lookahead_ngram, int) or self.lookahead_ngram < 2:
             raise ConfigError(f"lookahead_ngram must be an integer >= 2, got {self.lookahead_ngram!r}")
+
+    def on_device(self, device: str) -> "SpeculativeConfig":
+        """These settings with the device's defaults filled in. On a GPU a forward carrying a hundred drafted
+        tokens costs about what a plain one does (METHODS.md section 5: 24.5-25.4 ms against 20.7 ms on an
+        H200), so the tuner may keep up to 128 nodes (its latency grid's top) from Token Recycling's whole
+        80-slot tree; on a CPU each node costs time, and trees of 4-16 nodes are what pays."""
+        gpu = torch.device(device).type == "cuda"
+        return replace(self, max_nodes=self.max_nodes or (128 if gpu else 32),
+                       recycling_slots=self.recycling_slots or (80 if gpu else 20))
 
 
 @dataclass
@@ -206,6 +218,10 @@ class EngineConfig:
     # for requests whose SamplingParams ask for it, with the default settings)
     prefix_caching: bool = True  # full blocks of computed tokens are kept and shared by key (prefix_cache.py)
     scheduling: str = "vtc"  # who is admitted first: "vtc" (fair between clients) or "fcfs"
+    # plain decoding steps read static device buffers, without host syncs, and on CUDA replay a graph per
+    # batch-size bucket (engine/static_decode.py); None: on for CUDA, off on the CPU, where the native kernels
+    # decode faster; it needs plain decoding: no evicting kv_policy, no kv_selection, a float kv_dtype
+    static_decode: bool | None = None
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -240,8 +256,26 @@ class EngineConfig:
             raise ConfigError(f"kv_selection must be a KVSelectionConfig, got {type(self.kv_selection).__name__}")
         if self.kv_selection is not None and self.kv_selection.shortlist and self.kv_dtype in QUANTIZED_KV_BITS:
             raise ConfigError(f"a selection shortlist rescores blocks from float keys: it needs a float kv_dtype, not {self.kv_dtype!r}")
+        if self.static_decode not in (None, True, False):
+            raise ConfigError(f"static_decode must be None, True or False, got {self.static_decode!r}")
+        if self.static_decode and not self.decodes_plainly:
+            raise ConfigError("static_decode=True runs plain decoding only: not with an evicting kv_policy, kv_selection "
+                              f"or a quantized kv_dtype (got kv_policy={self.kv_policy}, kv_selection={self.kv_selection}, "
+                              f"kv_dtype={self.kv_dtype!r})")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
             raise ConfigError(f"speculative must be a SpeculativeConfig, got {type(self.speculative).__name__}")
+
+    @property
+    def decodes_plainly(self) -> bool:
+        """Decoding attends to every stored entry of float blocks, as the static decode step does."""
+        evicts = self.kv_policy is not None and self.kv_policy.evicts
+        return not evicts and self.kv_selection is None and self.kv_dtype not in QUANTIZED_KV_BITS
+
+    @property
+    def uses_static_decode(self) -> bool:
+        if self.static_decode is not None:
+            return self.static_decode
+        return torch.device(self.device).type == "cuda" and self.decodes_plainly
 
     @property
     def wants_native_kernels(self) -> bool:

@@ -60,7 +60,7 @@ def _run_ours(llm: LLM, prompt_ids: list[int], params: SamplingParams) -> tuple[
 
 
 def _run_hf(hf_model, prompt_ids: list[int], new_tokens: int, lookup_tokens: int, eos: int) -> tuple[list[int], float]:
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=hf_model.device)
     started = time.perf_counter()
     with torch.inference_mode():
         out = hf_model.generate(
@@ -75,13 +75,13 @@ def run_spec_benchmark(args) -> dict:
     torch.set_num_threads(args.threads)
     info = run_info(args)  # before the run: the commit and machine that ran it
     prompts = load_prompts(Path(args.questions), args.per_category)
-    config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes)
+    config = SpeculativeConfig(drafters=args.drafters, max_nodes=args.max_nodes).on_device(args.device)
     # no prefix caching: the prompts share the chat template's first tokens, and each must be computed whole
     plain = LLM(args.model, dtype=args.dtype, device=args.device, activations=args.activations, kv_dtype=args.kv_dtype,
                 prefix_caching=False)
     info |= engine_settings(plain.engine)
     spec = plain.with_options(speculative=config)
-    hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32)
+    hf_model = None if args.no_transformers else load_hf_model(args.model, torch.float32, args.device)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     eos = plain.tokenizer.eos_token_id
     out = Path(args.out)
@@ -108,7 +108,8 @@ def run_spec_benchmark(args) -> dict:
             print(f"[{index + 1}/{len(prompts)}] {row['category']}: {row['tokens']} tokens, "
                   f"{plain_s / spec_s:.2f}x vs plain" + (f", {row['hf_s'] / spec_s:.2f}x vs HF lookup" if "hf_s" in row else ""),
                   flush=True)
-    settings = {key: getattr(args, key) for key in ("per_category", "max_tokens", "drafters", "max_nodes", "hf_lookup_tokens")}
+    settings = {key: getattr(args, key) for key in ("per_category", "max_tokens", "drafters", "hf_lookup_tokens")}
+    settings |= {"max_nodes": config.max_nodes, "recycling_slots": config.recycling_slots}
     result = info | {"settings": settings, "summary": summarize(rows), "cases": rows}
     write_report("spec", result, out)
     print(markdown(result))

@@ -1,5 +1,6 @@
 """`bench speed` results as a Markdown table and a plot of tokens/s against context for each batch
-size, ours beside transformers'."""
+size, ours beside transformers'; on CUDA the table adds the share of the memory bandwidth each decode
+step's reads take."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from .plotting import caption, pyplot, save
 from .provenance import versions
 
 PREFILL_HEADER = "| prefill tokens | tokensieve tok/s | transformers tok/s | ratio |\n|---:|---:|---:|---:|"
-DECODE_HEADER = ("| batch | context | tokensieve tok/s | transformers tok/s | vs transformers, same batch "
-                 "| vs transformers, batch 1 |\n|---:|---:|---:|---:|---:|---:|")
+DECODE_COLUMNS = ("| batch | context | tokensieve tok/s | transformers tok/s | vs transformers, same batch "
+                  "| vs transformers, batch 1 |")
 
 
 def prefill_line(row: dict) -> str:
@@ -19,8 +20,12 @@ def prefill_line(row: dict) -> str:
 
 def decode_line(row: dict) -> str:
     batch1 = "-" if row["ratio_vs_hf_batch1"] is None else f"{row['ratio_vs_hf_batch1']:.2f}x"
-    return (f"| {row['batch']} | {row['context']} | {row['ours_tok_s']:.1f} | {row['hf_tok_s']:.1f} "
+    line = (f"| {row['batch']} | {row['context']} | {row['ours_tok_s']:.1f} | {row['hf_tok_s']:.1f} "
             f"| {row['ratio_same_batch']:.2f}x | {batch1} |")
+    if "ours_weights_bandwidth" not in row:  # measured on a CPU
+        return line
+    return line + (f" {row['ours_weights_bandwidth']:.1%} (transformers {row['hf_weights_bandwidth']:.1%}) "
+                   f"| {row['ours_weights_kv_bandwidth']:.1%} (transformers {row['hf_weights_kv_bandwidth']:.1%}) |")
 
 
 def markdown(result: dict) -> str:
@@ -29,13 +34,35 @@ def markdown(result: dict) -> str:
         f"{caption(result)}; native kernels {'on' if result['native_kernels'] else 'off'}; "
         f"{versions(result)}. "
         f"Random prompt ids, greedy, {result['decode_tokens']} new tokens, best of {result['repeats']}; decode tok/s "
-        f"counts the {result['decode_tokens'] - 1} steps after the first token, prefill the time to the first token.", "",
+        f"counts the {result['decode_tokens'] - 1} steps after the first token, prefill the time to the first token."
+        + _device_note(result), "",
     ]
     if result["prefill"]:
         lines += [PREFILL_HEADER, *map(prefill_line, result["prefill"]), ""]
     if result["decode"]:
-        lines += [DECODE_HEADER, *map(decode_line, result["decode"]), ""]
+        lines += [decode_header(result), *map(decode_line, result["decode"]), ""]
     return "\n".join(lines)
+
+
+def decode_header(result: dict) -> str:
+    """The decode table's header and rule; with the bandwidth columns where the run measured them (CUDA)."""
+    columns = DECODE_COLUMNS
+    if "bandwidth_gbs" in result:
+        bandwidth = f"{result['bandwidth_gbs']:g} GB/s"
+        columns += f" weights read, share of {bandwidth} | weights + KV read, share of {bandwidth} |"
+    return columns + "\n|" + "---:|" * (columns.count("|") - 1)
+
+
+def _device_note(result: dict) -> str:
+    """Where the run's device and static decode settings were recorded (runs before them had none): say them."""
+    if "device" not in result:
+        return ""
+    note = f" Device {result['device']}, static decode {result['static_decode']}."
+    if "bandwidth_gbs" in result:
+        note += (f" Bandwidth shares: the bytes a decode step must read (the weights, {result['weight_bytes'] / 1e9:.2f} GB "
+                 f"with each tensor once; and the KV entries at the decode's mean context) over the step's time, against "
+                 f"{result['bandwidth_gbs']:g} GB/s.")
+    return note
 
 
 def write_plot(result: dict, path: Path) -> None:

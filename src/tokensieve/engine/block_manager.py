@@ -119,7 +119,7 @@ class BlockManager:
                 block = block[0]
                 self.prefix_cache.acquire([block])
                 self._released.extend(table.blocks[:, :, index].ravel().tolist())
-                table.blocks[:, :, index] = block.block_ids
+                table.replace_column(index, block.block_ids)
             table.cached.append(block)
 
     # ---- shrinking and freeing ---------------------------------------------------------------------

@@ -18,6 +18,9 @@ class BlockTable:
         self.compacted = False  # a policy chose entries per (layer, head): entry i may differ between layers
         self.cached: list = []  # CachedBlocks behind the first logical blocks: shared, never written
         self.version = 0  # changes whenever blocks are added or dropped, or entries move (not on appends)
+        # the lowest column whose block ids changed since the static decode step last copied the table to
+        # the device (static_decode.py); a column only changes when a block is written into it
+        self.changed_from = 0
 
     def blocks_needed(self, num_new: int) -> np.ndarray:
         """Blocks each (layer, head) must gain to store `num_new` more entries."""
@@ -29,6 +32,7 @@ class BlockTable:
         layer_idx, head_idx = np.nonzero(needed)
         counts = needed[layer_idx, head_idx]
         new_total = self.num_blocks + needed
+        self.changed_from = min(self.changed_from, int(self.num_blocks.min()))
         if new_total.max() > self.blocks.shape[2]:
             capacity = max(int(new_total.max()), 2 * self.blocks.shape[2])
             grown = np.zeros(self.blocks.shape[:2] + (capacity,), dtype=np.int64)
@@ -40,6 +44,11 @@ class BlockTable:
         self.blocks[layer_idx[pair], head_idx[pair], slot] = np.asarray(block_ids, dtype=np.int64)
         self.num_blocks = new_total
         self.version += 1
+
+    def replace_column(self, index: int, block_ids: np.ndarray) -> None:
+        """Put other blocks [layers, heads] (holding the same entries) behind column `index`."""
+        self.blocks[:, :, index] = block_ids
+        self.changed_from = min(self.changed_from, index)
 
     def append_slots(self, num_new: int) -> np.ndarray:
         """Claim the next `num_new` entries of every (layer, head); returns their flat slots [layers, num_new, heads]."""

@@ -34,6 +34,7 @@ from .runner import ModelRunner
 from .sampler import sample_tokens
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
+from .static_decode import StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ class LLMEngine:
         if evicts and config.prefix_caching:
             log.warning("prefix caching is off: KV policy %r compresses each sequence's blocks, which then hold other "
                         "entries in each (layer, head) than a block key names", policy.name)
+        # the static decode step's padding rows write to the pool's last block, which nobody is handed
+        static = config.uses_static_decode
         self.block_manager = BlockManager(
-            self.pool.num_blocks, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads,
+            self.pool.num_blocks - static, config.block_size, model_cfg.num_layers, model_cfg.num_kv_heads,
             config.prefix_caching and not evicts,
             on_release=self.pool.release if isinstance(self.pool, QuantizedKVPool) else None,
         )
@@ -77,7 +80,12 @@ class LLMEngine:
             make_fairness(config.scheduling),
         )
         self.compressor = KVCompressor(policy, self.pool, self.block_manager, self.model.rotary) if evicts else None
-        self.runner = ModelRunner(self.model, self.pool, self.block_manager, self.kernels, self.compressor, config.kv_selection)
+        static_decoder = StaticDecoder(
+            self.model, self.pool, config.max_num_seqs, self.max_model_len, scratch_block=self.pool.num_blocks - 1
+        ) if static else None
+        self.runner = ModelRunner(
+            self.model, self.pool, self.block_manager, self.kernels, self.compressor, config.kv_selection, static_decoder
+        )
         if self.compressor is not None and self.compressor.policy.reconstructs:
             self.compressor.reconstruct = ContextRepeat(self.compressor.policy, self.runner, self.block_manager, self.tokenizer)
         if self.compressor is not None and policy.retrieval_heads is not None:
@@ -118,10 +126,9 @@ class LLMEngine:
         request_id = request_id or f"req-{secrets.token_hex(6)}"
         if request_id in self._sequences:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(
             request_id, list(prompt_token_ids), params, next(self._arrivals),
-            generator=torch.Generator(self.device).manual_seed(seed),
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
             want_prompt_logits=want_prompt_logits,
             compress_len=(compress_len or len(prompt_token_ids)) if self.compressor else None,
             # a request that asks for logprobs decodes plainly: verification does not compute them
@@ -142,7 +149,7 @@ class LLMEngine:
 
     def _speculator(self) -> Speculator:
         if self.speculator is None:
-            config = self.config.speculative or SpeculativeConfig()
+            config = (self.config.speculative or SpeculativeConfig()).on_device(self.config.device)
             fingerprint = hashlib.sha256(repr((
                 self.model.config, self.config.dtype, self.activations, self.kv_dtype, self.config.device, self.config.block_size,
                 getattr(self.kernels, "__file__", None), torch.get_num_threads(), LATENCY_CONTEXTS,
@@ -267,7 +274,7 @@ class LLMEngine:
         selects = config.kv_selection is not None
         bits = QUANTIZED_KV_BITS.get(self.kv_dtype)
         pool_class, width = (KVPool, DTYPES[self.kv_dtype]) if bits is None else (QuantizedKVPool, bits)
-        num_blocks = max(1, config.kv_cache_bytes // pool_class.block_bytes(config.block_size, head_dim, width, selects))
+        num_blocks = max(1 + config.uses_static_decode, config.kv_cache_bytes // pool_class.block_bytes(config.block_size, head_dim, width, selects))
         return pool_class(num_blocks, config.block_size, head_dim, width, self.device, self.kernels, key_bounds=selects)
 
     def _draft(self) -> list[Sequence]:

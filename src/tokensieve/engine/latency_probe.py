@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
 
 from ..sampling_params import SamplingParams
 from ..speculative.speculator import VerificationBlock
@@ -80,7 +81,9 @@ class LatencyProbe:
         for chunk in chunks:
             self.block_manager.reserve(chunk.seq.block_table, chunk.num_tokens)
         began = time.perf_counter()
-        self.runner.run(chunks)
+        logits, _ = self.runner.run(chunks)
+        if logits.is_cuda:  # a forward only queues its kernels there
+            torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - began
         for chunk in chunks:
             self.block_manager.keep_appended(chunk.seq.block_table, chunk.num_tokens, np.zeros(0, dtype=np.int64))

@@ -13,12 +13,14 @@ from .kv_compression import KVCompressor
 from .kv_pool import KVPool
 from .scheduler import ScheduledChunk
 from .selection_cache import SelectionCache
+from .static_decode import StaticDecoder
 
 
 class ModelRunner:
     def __init__(
         self, model: LlamaModel, pool: KVPool, block_manager: BlockManager, kernels=None,
         compressor: KVCompressor | None = None, selection: KVSelectionConfig | None = None,
+        static_decoder: StaticDecoder | None = None,
     ):
         self.model = model
         self.pool = pool
@@ -31,6 +33,7 @@ class ModelRunner:
         self.compressor = compressor  # records attention for the KV policy when it asks
         self.device = pool.device
         self.scratch: dict[str, torch.Tensor] = {}  # attention's gather buffers, kept between steps
+        self.static_decoder = static_decoder  # runs the steps that are plain decoding, when set
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)
@@ -42,6 +45,10 @@ class ModelRunner:
         verification block, for the prompt positions its sequence asked for, and none otherwise.
         Decoding chunks (one token, or a verification block) go first: they form one attention group.
         """
+        if self.static_decoder is not None and self.static_decoder.takes(chunks):
+            logits = self.static_decoder.forward(chunks)
+            wanted = [self._logits_rows(c, row) for row, c in enumerate(chunks)]  # every row has logits: pick the same
+            return logits, [(c, slice(rows.start, rows.stop)) for c, rows in zip(chunks, wanted)]
         chunks = sorted(chunks, key=lambda c: not self._decodes(c))
         token_ids, positions, write_slots, logits_rows, row_ranges = [], [], [], [], []
         prefills: list[PrefillChunk] = []

@@ -28,7 +28,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     block_table: BlockTable | None = None
-    generator: Any = None  # torch.Generator of this request alone
+    seed: int = 0  # what the sampler's draws for this request derive from
     want_prompt_logits: bool = False
     prompt_logits: list[Any] = field(default_factory=list)
     num_preemptions: int = 0

@@ -219,7 +219,7 @@ class Speculator:
         """Accept a path (lossless), learn from every row; returns the accepted nodes and emitted tokens."""
         tree = block.tree
         top = self._top_tokens(logits)
-        path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.generator, top[: len(tree), 0].tolist())
+        path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.seed, top[: len(tree), 0].tolist())
         self.stats.update(tree, path, block.streak)
         self._sequence_stats(seq).update(tree, path, block.streak)
         seq.drafter_state["streak"] = min(len(path) - 1, 2)

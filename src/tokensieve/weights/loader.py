@@ -46,7 +46,7 @@ def _linear_sources(layer: int) -> dict[str, list[str]]:
     }
 
 
-def _engine_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], native: frozenset = frozenset()) -> dict:
+def engine_state_dict(cfg: ModelConfig, hf_state: dict[str, torch.Tensor], native: frozenset = frozenset()) -> dict:
     """Rename HF tensors to our module names, fusing q/k/v and gate/up into single matrices; the weights of
     the modules in `native` (kept only as blocks) are not there to fuse."""
     state = dict(hf_state)
@@ -111,7 +111,7 @@ def _gguf_weights(path: Path, native: bool, activations: str) -> LoadedWeights:
     if int8_wanted and fused:
         weights = _int8_form(cfg, hf_state, fused, quantized)
     else:
-        state = _engine_state_dict(cfg, _with_dense(hf_state, quantized, keep_as_blocks=set()))
+        state = engine_state_dict(cfg, _with_dense(hf_state, quantized, keep_as_blocks=set()))
         weights = LoadedWeights(cfg, state, fused if native else {}, "float32", bool(fused))
     cache.save("dense" if not native else weights.activations, weights)
     return weights
@@ -136,11 +136,11 @@ def _int8_form(cfg: ModelConfig, hf_state: dict, fused: dict[str, QuantizedWeigh
         natives["embed_tokens"] = embedding
     sources = _weight_sources(cfg) | {"embed_tokens": ["model.embed_tokens.weight"]}
     as_blocks = {name for module in natives for name in sources[module]}
-    state = _engine_state_dict(cfg, _with_dense(hf_state, quantized, as_blocks), frozenset(natives))
+    state = engine_state_dict(cfg, _with_dense(hf_state, quantized, as_blocks), frozenset(natives))
     return LoadedWeights(cfg, state, natives, "int8", True)
 
 
-def _build(weights: LoadedWeights, path: Path) -> LlamaModel:
+def build_model(weights: LoadedWeights, path: Path) -> LlamaModel:
     """The model on the meta device, its tensors then assigned (no memory spent on initial values)."""
     cfg = weights.config
     with torch.device("meta"):
@@ -173,12 +173,12 @@ def load_model(
         if activations == "int8":
             raise _no_blocks(path)
         cfg, hf_state = read_hf_folder(path)
-        weights = LoadedWeights(cfg, _engine_state_dict(cfg, hf_state))
+        weights = LoadedWeights(cfg, engine_state_dict(cfg, hf_state))
     elif path.suffix == ".gguf":
         weights = _gguf_weights(path, kernels is not None, activations)
     else:
         raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
-    net = _build(weights, path).to(device=device, dtype=dtype).eval()
+    net = build_model(weights, path).to(device=device, dtype=dtype).eval()
     net.activations = weights.activations
     if kernels is None:
         return net

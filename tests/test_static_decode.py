@@ -1,0 +1,88 @@
+"""The static decode step (what CUDA graphs replay), run eagerly on the CPU: same tokens as the eager
+path, padding to a bucket changes nothing, no host sync inside the step, no leaked blocks."""
+
+import pytest
+import torch
+from conftest import assert_pool_empty, no_host_sync
+
+from tokensieve import SamplingParams
+from tokensieve.config import EngineConfig, KVPolicyConfig
+from tokensieve.engine.block_table import BlockTable
+from tokensieve.engine.static_decode import decode_buckets
+from tokensieve.errors import ConfigError
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "A short story about a robot who learns to paint:",
+    "List three prime numbers:",
+    "In 1492,",
+]
+
+
+def test_buckets_are_powers_of_two_up_to_the_batch_limit():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(5) == [1, 2, 4, 8]
+    assert decode_buckets(16) == [1, 2, 4, 8, 16]
+
+
+def _generate(llm, max_tokens: list[int], **options):
+    engine = llm.with_options(max_model_len=512, kv_cache_bytes=64 * 1024**2, **options)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in max_tokens]
+    outputs = engine.generate(PROMPTS[: len(max_tokens)], params)
+    assert_pool_empty(engine)
+    return engine, [o.token_ids for o in outputs]
+
+
+def test_static_decode_gives_the_eager_path_tokens_as_the_batch_shrinks(llm):
+    """Five requests ending at different steps: the batch crosses buckets 8, 4, 2 and 1."""
+    lengths = [3, 20, 9, 14, 6]
+    _, eager = _generate(llm, lengths, static_decode=False)
+    engine, static = _generate(llm, lengths, static_decode=True)
+    assert static == eager
+    decoder = engine.engine.runner.static_decoder
+    assert set(decoder.inputs) == {1, 2, 4, 8}  # every bucket ran
+    assert engine.engine.block_manager.num_blocks == engine.engine.pool.num_blocks - 1  # the scratch block
+
+
+def test_sampled_tokens_match_with_the_same_seed(llm):
+    params = [SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=s) for s in (1, 2)]
+    outs = [llm.with_options(max_model_len=512, static_decode=flag).generate(PROMPTS[:2], params) for flag in (False, True)]
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
+
+
+def test_the_static_step_never_reads_back_from_the_device(llm):
+    engine = llm.with_options(max_model_len=256, static_decode=True).engine
+    ids = [engine.add_request(llm.encode(p), SamplingParams(max_tokens=4, temperature=0)) for p in PROMPTS[:3]]
+    engine.step(), engine.step()  # the prefill, and a first decoding step (which sizes the host buffer)
+    schedule = engine.scheduler.schedule()
+    assert engine.runner.static_decoder.takes(schedule.chunks)
+    with no_host_sync():
+        logits = engine.runner.static_decoder.forward(schedule.chunks)
+    assert logits.shape == (3, engine.model.config.vocab_size) and torch.isfinite(logits).all()
+    for request_id in ids:
+        engine.abort(request_id)
+
+
+def test_static_decode_needs_plain_decoding():
+    with pytest.raises(ConfigError, match="static_decode"):
+        EngineConfig(static_decode=True, kv_policy=KVPolicyConfig("snapkv", budget=64))
+    assert not EngineConfig(device="cuda", kv_policy=KVPolicyConfig("snapkv", budget=64)).uses_static_decode
+    assert EngineConfig(device="cuda").uses_static_decode and not EngineConfig().uses_static_decode
+
+
+def test_places_are_reused_across_preemption_and_shared_blocks(llm, monkeypatch):
+    """Five requests through two places in a pool small enough to preempt; two are the same prompt, so
+    the blocks they generate alike are deduplicated in the prefix cache: the device tables follow."""
+    replaced, original = [], BlockTable.replace_column
+    monkeypatch.setattr(BlockTable, "replace_column", lambda table, *args: replaced.append(original(table, *args)))
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[2], PROMPTS[1], PROMPTS[3]]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    block_bytes = 16 * 64 * 4 * 2  # keys and values of 16 entries of one (layer, KV head)
+    options = dict(max_num_seqs=2, kv_cache_bytes=(3 * 30 * 3 + 1) * block_bytes)  # 3 blocks of 16 tokens: 1.5 sequences
+    eager = llm.with_options(static_decode=False, **options)
+    static = llm.with_options(static_decode=True, **options)
+    expected = [o.token_ids for o in eager.generate(prompts, params)]
+    assert [o.token_ids for o in static.generate(prompts, params)] == expected
+    assert static.engine.scheduler.num_preemptions > 0 and replaced
+    assert_pool_empty(static)
