@@ -6,9 +6,9 @@ import torch
 from conftest import assert_pool_empty, no_host_sync
 
 from tokensieve import SamplingParams
-from tokensieve.config import EngineConfig, KVPolicyConfig
+from tokensieve.config import EngineConfig, KVPolicyConfig, SpeculativeConfig
 from tokensieve.engine.block_table import BlockTable
-from tokensieve.engine.static_decode import decode_buckets
+from tokensieve.engine.static_decode import bucket, powers_of_two
 from tokensieve.errors import ConfigError
 
 PROMPTS = [
@@ -20,10 +20,9 @@ PROMPTS = [
 ]
 
 
-def test_buckets_are_powers_of_two_up_to_the_batch_limit():
-    assert decode_buckets(1) == [1]
-    assert decode_buckets(5) == [1, 2, 4, 8]
-    assert decode_buckets(16) == [1, 2, 4, 8, 16]
+def test_buckets_are_powers_of_two():
+    assert powers_of_two(1) == [1] and powers_of_two(5) == [1, 2, 4, 8] and powers_of_two(16) == [1, 2, 4, 8, 16]
+    assert [bucket(n) for n in (1, 2, 3, 5, 8, 9, 100)] == [1, 2, 4, 8, 8, 16, 128]
 
 
 def _generate(llm, max_tokens: list[int], **options):
@@ -41,7 +40,7 @@ def test_static_decode_gives_the_eager_path_tokens_as_the_batch_shrinks(llm):
     engine, static = _generate(llm, lengths, static_decode=True)
     assert static == eager
     decoder = engine.engine.runner.static_decoder
-    assert set(decoder.inputs) == {1, 2, 4, 8}  # every bucket ran
+    assert set(decoder.inputs) == {(1, 1), (2, 1), (4, 1), (8, 1)}  # every bucket ran
     assert engine.engine.block_manager.num_blocks == engine.engine.pool.num_blocks - 1  # the scratch block
 
 
@@ -58,8 +57,8 @@ def test_the_static_step_never_reads_back_from_the_device(llm):
     schedule = engine.scheduler.schedule()
     assert engine.runner.static_decoder.takes(schedule.chunks)
     with no_host_sync():
-        logits = engine.runner.static_decoder.forward(schedule.chunks)
-    assert logits.shape == (3, engine.model.config.vocab_size) and torch.isfinite(logits).all()
+        logits, rows = engine.runner.static_decoder.forward(schedule.chunks)
+    assert rows == 1 and logits.shape == (4, engine.model.config.vocab_size) and torch.isfinite(logits).all()
     for request_id in ids:
         engine.abort(request_id)
 
@@ -86,3 +85,21 @@ def test_places_are_reused_across_preemption_and_shared_blocks(llm, monkeypatch)
     assert [o.token_ids for o in static.generate(prompts, params)] == expected
     assert static.engine.scheduler.num_preemptions > 0 and replaced
     assert_pool_empty(static)
+
+
+def test_draft_trees_are_verified_in_the_static_step(llm):
+    """Speculating requests beside a plain one: their blocks are padded to one row count and verified in
+    the static step, with the same tokens as plain decoding."""
+    from test_speculative import spec_bench_prompts
+
+    prompts = spec_bench_prompts(["coding"]) + ["Repeat: the cat sat on the mat. The cat sat on the mat. The cat",
+                                                "Count from one to twenty: one, two, three,"]
+    config = SpeculativeConfig(drafters=("lookup", "recycling", "lookahead"), max_nodes=12, tune=False)
+    spec = llm.with_options(static_decode=True, speculative=config)
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    plain = [o.token_ids for o in llm.generate(prompts, params)]
+    per_request = [params, params, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, speculate=False)]
+    assert [o.token_ids for o in spec.generate(prompts, per_request)] == plain
+    assert spec.engine.counts["spec_accepted_tokens"] > 0
+    assert any(rows > 1 for _, rows in spec.engine.runner.static_decoder.inputs)
+    assert_pool_empty(spec)

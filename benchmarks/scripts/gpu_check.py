@@ -67,6 +67,10 @@ KERNEL_CASES = [
 ]
 
 
+# (tree rows, query heads per KV head, sequences) of each draft-tree case
+TREE_CASES = [(4, 4, 3), (17, 4, 5), (64, 4, 32), (128, 8, 2)]
+
+
 class SectionTimeout(BaseException):
     """Raised by the time guard's alarm (a BaseException, so that no `except Exception` on the way swallows it)."""
 
@@ -233,7 +237,40 @@ def check_paged_decode_kernel(args, results: dict) -> str:
                 case |= {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             cases.append(case)
             torch.cuda.empty_cache()
+    for rows, group, seqs in TREE_CASES:  # verification of draft trees: real rows only (padding rows are free)
+        for dtype in TOLERANCE:
+            case = {"tree_rows": rows, "group": group, "seqs": seqs, "dtype": str(dtype).removeprefix("torch.")}
+            try:
+                q, keys, values, tables, lengths, visibility, block_rows = tree_inputs(rows, group, seqs, dtype, args.device)
+                scale = q.shape[-1] ** -0.5
+                tree = dict(block_visibility=visibility, block_rows=block_rows)
+                expected = paged_decode_attention_torch(q, keys, values, tables, lengths, scale, **tree).float()
+                got = paged_decode_attention(q, keys, values, tables, lengths, scale, **tree).float()
+                real = torch.arange(rows, device=q.device) < block_rows.unsqueeze(-1)  # [seqs, rows]
+                error = (got - expected)[real].abs().max().item() / expected[real].abs().max().clamp_min(1e-6).item()
+                case |= {"relative_error": error, "ok": error <= TOLERANCE[dtype] and bool(torch.isfinite(got).all())}
+            except Exception as exc:
+                case |= {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            cases.append(case)
     return "passed" if all(c["ok"] for c in cases) else "failed"
+
+
+def tree_inputs(rows: int, group: int, seqs: int, dtype, device, kv_heads: int = 8, dim: int = 64, context: int = 1500):
+    """Sequences whose last block_rows entries are a random draft tree (each node sees itself and its ancestors)."""
+    generator = torch.Generator().manual_seed(rows * 100 + seqs)
+    block_rows = torch.randint(1, rows + 1, (seqs,), generator=generator)
+    block_rows[0] = rows
+    q, keys, values, tables, lengths = kernel_inputs(kv_heads * group, kv_heads, dim, seqs, context, dtype, torch.int32,
+                                                     device, seed=rows)
+    lengths = torch.maximum(lengths, block_rows.to(device).view(-1, 1).to(lengths.dtype))
+    visibility = torch.zeros(seqs, rows, rows, dtype=torch.bool)
+    for seq in range(seqs):
+        for node in range(int(block_rows[seq])):
+            parent = int(torch.randint(node, (1,), generator=generator)) if node else None
+            visibility[seq, node] = visibility[seq, parent] if parent is not None else False
+            visibility[seq, node, node] = True
+    q = torch.randn(seqs, rows, kv_heads * group, dim, generator=generator).to(device=device, dtype=dtype)
+    return q, keys, values, tables, lengths, visibility.to(device), block_rows.to(device=device, dtype=torch.int32)
 
 
 def kernel_inputs(heads, kv_heads, dim, seqs, context, dtype, index_dtype, device, seed, block_size=16):

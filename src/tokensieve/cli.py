@@ -63,7 +63,7 @@ def _add_speculative_options(parser: argparse.ArgumentParser) -> None:
         "--drafters", default=",".join(DEFAULT_DRAFTERS), help=f"comma-separated, of: {', '.join(DRAFTERS)}"
     )
     parser.add_argument("--max-draft-nodes", type=int, default=None,
-                        help="drafted tokens per forward, at most (default: 32 on a CPU, 128 on a GPU)")
+                        help="drafted tokens per forward, at most (default: 32 on a CPU, 96 on a GPU)")
 
 
 def _speculative(args):

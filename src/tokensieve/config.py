@@ -184,10 +184,11 @@ class SpeculativeConfig:
     def on_device(self, device: str) -> "SpeculativeConfig":
         """These settings with the device's defaults filled in. On a GPU a forward carrying a hundred drafted
         tokens costs about what a plain one does (METHODS.md section 5: 24.5-25.4 ms against 20.7 ms on an
-        H200), so the tuner may keep up to 128 nodes (its latency grid's top) from Token Recycling's whole
-        80-slot tree; on a CPU each node costs time, and trees of 4-16 nodes are what pays."""
+        H200), so the tuner may keep up to 96 nodes from Token Recycling's whole 80-slot tree (a block of
+        them, its root and a lookahead window fits the static decode step's 128 rows); on a CPU each node
+        costs time, and trees of 4-16 nodes are what pays."""
         gpu = torch.device(device).type == "cuda"
-        return replace(self, max_nodes=self.max_nodes or (128 if gpu else 32),
+        return replace(self, max_nodes=self.max_nodes or (96 if gpu else 32),
                        recycling_slots=self.recycling_slots or (80 if gpu else 20))
 
 

@@ -104,9 +104,11 @@ class BlockManager:
     def cache_full_blocks(self, table: BlockTable, keys: list[int], token_ids: list[int]) -> None:
         """Cache the table's full blocks of computed entries beyond its cached prefix (keys: their block
         keys). A table whose entries a KV policy chose per head has nothing to cache."""
-        if self.prefix_cache is None or not table.layers_aligned():
+        if self.prefix_cache is None:
             return
         num_full = min(len(keys), int(table.lengths.flat[0]) // self.block_size)
+        if num_full <= len(table.cached) or not table.layers_aligned():  # the first test is the cheap one
+            return
         size = self.block_size
         for index in range(len(table.cached), num_full):
             parent = keys[index - 1] if index else None

@@ -54,8 +54,13 @@ class BlockTable:
         """Claim the next `num_new` entries of every (layer, head); returns their flat slots [layers, num_new, heads]."""
         entry = self.lengths[:, :, None] + np.arange(num_new)
         block = np.take_along_axis(self.blocks, entry // self.block_size, axis=2)
-        self.lengths += num_new
+        self.claim(num_new)
         return (block * self.block_size + entry % self.block_size).transpose(0, 2, 1)
+
+    def claim(self, num_new: int) -> None:
+        """Claim the next `num_new` entries of every (layer, head), whose slots someone else works out
+        (the static decode step does, on the device)."""
+        self.lengths += num_new
 
     def slots(self, layer: np.ndarray, head: np.ndarray, entry: np.ndarray) -> np.ndarray:
         """Flat pool slots of the given entries."""

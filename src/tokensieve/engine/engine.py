@@ -81,7 +81,8 @@ class LLMEngine:
         )
         self.compressor = KVCompressor(policy, self.pool, self.block_manager, self.model.rotary) if evicts else None
         static_decoder = StaticDecoder(
-            self.model, self.pool, config.max_num_seqs, self.max_model_len, scratch_block=self.pool.num_blocks - 1
+            self.model, self.pool, config.max_num_seqs, self.max_model_len, config.max_batched_tokens,
+            scratch_block=self.pool.num_blocks - 1,
         ) if static else None
         self.runner = ModelRunner(
             self.model, self.pool, self.block_manager, self.kernels, self.compressor, config.kv_selection, static_decoder
@@ -249,8 +250,10 @@ class LLMEngine:
                 sampled_seqs.append(seq)
                 sampled_rows.append(rows.stop - 1)
         if sampled_seqs:
-            tokens = sample_tokens(logits[sampled_rows], sampled_seqs, self.kernels)
-            self._record_logprobs(logits[sampled_rows], sampled_seqs, tokens)
+            # each sampled row once (plain decoding samples every row: then no copy at all)
+            sampled_logits = logits if sampled_rows == list(range(len(logits))) else logits[sampled_rows]
+            tokens = sample_tokens(sampled_logits, sampled_seqs, self.kernels)
+            self._record_logprobs(sampled_logits, sampled_seqs, tokens)
             outputs += [self._append_tokens(seq, [token]) for seq, token in zip(sampled_seqs, tokens)]
         if drafted and all(c.draft is not None or c.num_tokens == 1 for c in schedule.chunks):
             rows = sum(c.num_tokens for c in schedule.chunks)

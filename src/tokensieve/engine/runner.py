@@ -46,9 +46,9 @@ class ModelRunner:
         Decoding chunks (one token, or a verification block) go first: they form one attention group.
         """
         if self.static_decoder is not None and self.static_decoder.takes(chunks):
-            logits = self.static_decoder.forward(chunks)
-            wanted = [self._logits_rows(c, row) for row, c in enumerate(chunks)]  # every row has logits: pick the same
-            return logits, [(c, slice(rows.start, rows.stop)) for c, rows in zip(chunks, wanted)]
+            logits, rows = self.static_decoder.forward(chunks)  # chunk i's rows start at i * rows
+            wanted = [self._logits_rows(c, index * rows) for index, c in enumerate(chunks)]  # as the eager path picks
+            return logits, [(c, slice(chunk_rows.start, chunk_rows.stop)) for c, chunk_rows in zip(chunks, wanted)]
         chunks = sorted(chunks, key=lambda c: not self._decodes(c))
         token_ids, positions, write_slots, logits_rows, row_ranges = [], [], [], [], []
         prefills: list[PrefillChunk] = []

@@ -1,0 +1,108 @@
+"""The fixed buffers one bucket of the static decode step reads, and the attention that reads them.
+
+A bucket is `batch` sequences of `rows` query rows each: one row for plain decoding, or the nodes of
+a verification block (a draft tree, perhaps with a lookahead window), padded to `rows`. A step's
+inputs travel packed in one flat int64 array whose fields `StepInputs.split` names (the same split
+serves the host array being written and the device copy being spread over the buffers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .kv_pool import KVPool
+from .paged_decode import paged_decode_attention
+
+WORD_BITS = 64  # a block's visibility travels as bits, a row's in ceil(rows / 64) int64 words
+
+
+def visibility_words(masks: np.ndarray) -> np.ndarray:
+    """bool [..., rows, rows] -> int64 [..., rows, words]: bit t of a row's words says it sees entry t."""
+    rows = masks.shape[-1]
+    padded = np.zeros(masks.shape[:-1] + (-(-rows // WORD_BITS) * WORD_BITS,), dtype=bool)
+    padded[..., :rows] = masks
+    return np.packbits(padded, axis=-1, bitorder="little").view("<i8")
+
+
+def unpack_visibility(words: torch.Tensor, rows: int) -> torch.Tensor:
+    """int64 [..., rows, words] -> bool [..., rows, rows] (visibility_words undone, on the device)."""
+    entry = torch.arange(rows, device=words.device)
+    word = words.index_select(-1, entry // WORD_BITS)
+    return ((word >> (entry % WORD_BITS)) & 1).bool()
+
+
+class StepInputs:
+    def __init__(self, batch: int, rows: int, num_layers: int, num_kv_heads: int, device: torch.device):
+        self.batch, self.rows = batch, rows
+        self.shapes = {
+            "token_ids": (batch * rows,),
+            "positions": (batch * rows,),
+            "places": (batch,),  # each sequence's place in the device block tables
+            "block_rows": (batch,),  # its rows that are real (1 for plain decoding)
+            "lengths": (num_layers, batch, num_kv_heads),  # entries after this step's
+        }
+        if rows > 1:
+            self.shapes["visibility"] = (batch, rows, -(-rows // WORD_BITS))
+        narrow = {"block_rows", "lengths"}
+        self.buffers = {name: torch.zeros(shape, dtype=torch.int32 if name in narrow else torch.int64, device=device)
+                        for name, shape in self.shapes.items()}
+
+    @property
+    def packed_size(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+    def split(self, flat):
+        """The named fields of a packed step (numpy or torch), as views shaped like the buffers."""
+        fields, start = {}, 0
+        for name, shape in self.shapes.items():
+            size = math.prod(shape)
+            fields[name] = flat[start : start + size].reshape(shape)
+            start += size
+        return fields
+
+    def fill(self, packed: torch.Tensor) -> None:
+        for name, values in self.split(packed).items():
+            self.buffers[name].copy_(values)
+
+
+class StaticAttention:
+    """The model's attention callable for one bucket: store each real row's new entries (padding rows'
+    go to the scratch slot), then attend over the pool through the device block tables."""
+
+    def __init__(self, pool: KVPool, tables: torch.Tensor, inputs: StepInputs, width: int, sliding_window: int | None,
+                 scratch_slot: int):
+        """`tables` [layers, places, kv_heads, columns]; `width`: the columns read (all of them in a graph,
+        where the kernel stops at the lengths)."""
+        self.pool, self.tables, self.inputs, self.width = pool, tables, inputs, width
+        self.window, self.scratch_slot = sliding_window or 0, scratch_slot
+        buffers = inputs.buffers
+        self.visibility = unpack_visibility(buffers["visibility"], inputs.rows) if inputs.rows > 1 else None
+        rows = torch.arange(inputs.rows, device=pool.device)
+        self.block_rows = buffers["block_rows"].long()
+        self.real = (rows < self.block_rows.unsqueeze(-1)).unsqueeze(1)  # [batch, 1, rows]
+        self.offset = rows - self.block_rows.view(-1, 1, 1)  # a row's entry, from the end of its sequence's
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool, buffers, batch, rows = self.pool, self.inputs.buffers, self.inputs.batch, self.inputs.rows
+        tables = self.tables[layer, :, :, : self.width].index_select(0, buffers["places"])  # [batch, kv_heads, width]
+        lengths = buffers["lengths"][layer]
+        slots = self._slots(tables, lengths)
+        pool.store(slots, k, v)
+        pool.positions.view(-1)[slots] = buffers["positions"].unsqueeze(-1).expand_as(slots)
+        scale = q.shape[-1] ** -0.5
+        if self.visibility is None:
+            return paged_decode_attention(q, pool.keys, pool.values, tables, lengths, scale, self.window)
+        out = paged_decode_attention(q.view(batch, rows, *q.shape[1:]), pool.keys, pool.values, tables, lengths, scale,
+                                     block_visibility=self.visibility, block_rows=buffers["block_rows"])
+        return out.view(q.shape)
+
+    def _slots(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Flat pool slots [batch * rows, kv_heads] of this step's entries: a sequence's block is the last
+        block_rows entries of each of its (layer, KV head)."""
+        entry = torch.where(self.real, lengths.long().unsqueeze(-1) + self.offset, 0)  # [batch, kv_heads, rows]
+        blocks = tables.gather(-1, entry // self.pool.block_size).long()
+        slots = torch.where(self.real, blocks * self.pool.block_size + entry % self.pool.block_size, self.scratch_slot)
+        return slots.transpose(1, 2).reshape(-1, tables.shape[1])
