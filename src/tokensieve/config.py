@@ -219,9 +219,10 @@ class EngineConfig:
     # for requests whose SamplingParams ask for it, with the default settings)
     prefix_caching: bool = True  # full blocks of computed tokens are kept and shared by key (prefix_cache.py)
     scheduling: str = "vtc"  # who is admitted first: "vtc" (fair between clients) or "fcfs"
-    # plain decoding steps read static device buffers, without host syncs, and on CUDA replay a graph per
-    # batch-size bucket (engine/static_decode.py); None: on for CUDA, off on the CPU, where the native kernels
-    # decode faster; it needs plain decoding: no evicting kv_policy, no kv_selection, a float kv_dtype
+    # decoding steps (a token, or a draft tree to verify, per sequence) read static device buffers, without host
+    # syncs, and on CUDA replay a graph per bucket (engine/static_decode.py); None: on for CUDA, off on the CPU,
+    # where the native kernels decode faster. It needs decoding that attends to every entry: no evicting
+    # kv_policy, no kv_selection, a float kv_dtype
     static_decode: bool | None = None
 
     def __post_init__(self):
@@ -260,7 +261,7 @@ class EngineConfig:
         if self.static_decode not in (None, True, False):
             raise ConfigError(f"static_decode must be None, True or False, got {self.static_decode!r}")
         if self.static_decode and not self.decodes_plainly:
-            raise ConfigError("static_decode=True runs plain decoding only: not with an evicting kv_policy, kv_selection "
+            raise ConfigError("static_decode=True attends to every stored entry: not with an evicting kv_policy, kv_selection "
                               f"or a quantized kv_dtype (got kv_policy={self.kv_policy}, kv_selection={self.kv_selection}, "
                               f"kv_dtype={self.kv_dtype!r})")
         if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):

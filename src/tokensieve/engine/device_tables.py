@@ -49,10 +49,12 @@ class DeviceBlockTables:
             places.append(place)
         return places
 
-    def changes(self, seq: Sequence, place: int) -> tuple[np.ndarray, np.ndarray]:
-        """The flat indices into the device tables, and the block ids, of the sequence's changed columns;
-        from now on the device counts as holding them."""
+    def changes(self, seq: Sequence, place: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The flat indices into the device tables, and the block ids, of the sequence's changed columns
+        (None: none changed); from now on the device counts as holding them."""
         table = seq.block_table
+        if table.changed_from == UP_TO_DATE:
+            return None
         used = int(table.num_blocks.max())
         first = min(table.changed_from, used)
         table.changed_from = UP_TO_DATE

@@ -277,7 +277,8 @@ class LLMEngine:
         selects = config.kv_selection is not None
         bits = QUANTIZED_KV_BITS.get(self.kv_dtype)
         pool_class, width = (KVPool, DTYPES[self.kv_dtype]) if bits is None else (QuantizedKVPool, bits)
-        num_blocks = max(1 + config.uses_static_decode, config.kv_cache_bytes // pool_class.block_bytes(config.block_size, head_dim, width, selects))
+        num_blocks = config.kv_cache_bytes // pool_class.block_bytes(config.block_size, head_dim, width, selects)
+        num_blocks = max(1 + config.uses_static_decode, num_blocks)  # and the static step's scratch block
         return pool_class(num_blocks, config.block_size, head_dim, width, self.device, self.kernels, key_bounds=selects)
 
     def _draft(self) -> list[Sequence]:

@@ -33,7 +33,7 @@ class ModelRunner:
         self.compressor = compressor  # records attention for the KV policy when it asks
         self.device = pool.device
         self.scratch: dict[str, torch.Tensor] = {}  # attention's gather buffers, kept between steps
-        self.static_decoder = static_decoder  # runs the steps that are plain decoding, when set
+        self.static_decoder = static_decoder  # when set, runs the steps that only decode (tokens or draft trees)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device)

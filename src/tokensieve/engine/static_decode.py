@@ -153,7 +153,8 @@ class StaticDecoder:
             lengths[:, index] = seq.block_table.lengths
             width = max(width, int(seq.block_table.num_blocks.max()))
             changed = self.tables.changes(seq, places[index])
-            indices.append(changed[0]), block_ids.append(changed[1])
+            if changed is not None:
+                indices.append(changed[0]), block_ids.append(changed[1])
         num_changes = sum(map(len, indices))
         host = self._host_buffer(inputs.packed_size + 2 * num_changes)
         fields = inputs.split(host)
@@ -161,6 +162,7 @@ class StaticDecoder:
         fields["places"][:], fields["block_rows"][:], fields["lengths"][:] = places, block_rows, lengths
         if rows > 1:
             fields["visibility"][:] = visibility_words(visibility)
-        host[inputs.packed_size : inputs.packed_size + num_changes] = np.concatenate(indices)
-        host[inputs.packed_size + num_changes : inputs.packed_size + 2 * num_changes] = np.concatenate(block_ids)
+        if num_changes:
+            host[inputs.packed_size : inputs.packed_size + num_changes] = np.concatenate(indices)
+            host[inputs.packed_size + num_changes : inputs.packed_size + 2 * num_changes] = np.concatenate(block_ids)
         return self._host[: inputs.packed_size + 2 * num_changes], num_changes, width
