@@ -231,11 +231,12 @@ class LLMEngine:
         if drafted:  # the tokens per sequence before the step, as drafting measures them
             context = sum(len(c.seq.token_ids) for c in schedule.chunks) / len(schedule.chunks)
         logits, chunk_rows = self.runner.run(schedule.chunks)
+        verification_tops = iter(self._verification_top_tokens(logits, chunk_rows))
         outputs, sampled_seqs, sampled_rows = [], [], []
         for chunk, rows in chunk_rows:
             seq, completes = chunk.seq, chunk.completes_sequence
             if chunk.draft is not None:
-                outputs.append(self._verify(chunk, logits[rows]))
+                outputs.append(self._verify(chunk, logits[rows], next(verification_tops)))
                 continue
             if seq.want_prompt_logits:
                 seq.prompt_logits.append(logits[rows])
@@ -289,10 +290,21 @@ class LLMEngine:
             self.speculator.draft(speculating, batch=len(decoding))
         return speculating
 
-    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor) -> RequestOutput:
+    def _verification_top_tokens(self, logits: torch.Tensor, chunk_rows) -> list[np.ndarray]:
+        """Each verification block's rows' top tokens (Speculator.top_tokens), in the chunks' order: one
+        call and one read-back for them all, over the run of rows from the first block to the last (a view
+        of the logits: the few rows between them cost less than copying the blocks together)."""
+        blocks = [rows for chunk, rows in chunk_rows if chunk.draft is not None]
+        if not blocks:
+            return []
+        first = blocks[0].start
+        top = self.speculator.top_tokens(logits[first : blocks[-1].stop])
+        return [top[rows.start - first : rows.stop - first] for rows in blocks]
+
+    def _verify(self, chunk: ScheduledChunk, logits: torch.Tensor, top: np.ndarray) -> RequestOutput:
         """Accept a path of the draft, keep its KV entries (moved into place), free the rest."""
         seq, block = chunk.seq, chunk.draft
-        path, emitted = self.speculator.verify(seq, block, logits)
+        path, emitted = self.speculator.verify(seq, block, logits, top)
         source, destination = self.block_manager.keep_appended(seq.block_table, len(block), np.array(path))
         if len(source):
             self.pool.move(torch.from_numpy(source).to(self.device), torch.from_numpy(destination).to(self.device), seq.block_table)

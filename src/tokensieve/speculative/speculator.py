@@ -115,7 +115,7 @@ class Speculator:
         """Logits of rows outside verification (prompt rows, plain decode rows; row i after
         token_ids[i]) seed and refresh the successor matrix."""
         if self.recycling is not None:
-            self.recycling.learn(token_ids, self._top_tokens(logits))
+            self.recycling.learn(token_ids, self.top_tokens(logits))
 
     # ---- drafting ------------------------------------------------------------------------------
     def _max_depth(self, seq: Sequence) -> int:
@@ -209,16 +209,18 @@ class Speculator:
         if self.latency is not None:
             self.latency.observe(batch, drafted, context, seconds)
 
-    def _top_tokens(self, logits: torch.Tensor) -> np.ndarray:
+    def top_tokens(self, logits: torch.Tensor) -> np.ndarray:
         """Each row's greedy token, then (with Token Recycling) its next best, as many as it keeps."""
         k = self.recycling.top_k if self.recycling is not None else 1
         return top_tokens(logits, k, self.kernels).cpu().numpy()
 
     # ---- verification --------------------------------------------------------------------------
-    def verify(self, seq: Sequence, block: VerificationBlock, logits: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Accept a path (lossless), learn from every row; returns the accepted nodes and emitted tokens."""
+    def verify(
+        self, seq: Sequence, block: VerificationBlock, logits: torch.Tensor, top: np.ndarray
+    ) -> tuple[list[int], list[int]]:
+        """Accept a path (lossless), learn from every row; returns the accepted nodes and emitted tokens.
+        `top`: the block's rows' top_tokens."""
         tree = block.tree
-        top = self._top_tokens(logits)
         path, emitted = accept_path(tree, logits, seq.params, seq.token_ids, seq.seed, top[: len(tree), 0].tolist())
         self.stats.update(tree, path, block.streak)
         self._sequence_stats(seq).update(tree, path, block.streak)
