@@ -63,7 +63,7 @@ def test_the_static_step_never_reads_back_from_the_device(llm):
         engine.abort(request_id)
 
 
-def test_static_decode_needs_plain_decoding():
+def test_static_decode_needs_decoding_that_attends_to_every_entry():
     with pytest.raises(ConfigError, match="static_decode"):
         EngineConfig(static_decode=True, kv_policy=KVPolicyConfig("snapkv", budget=64))
     assert not EngineConfig(device="cuda", kv_policy=KVPolicyConfig("snapkv", budget=64)).uses_static_decode
@@ -103,3 +103,9 @@ def test_draft_trees_are_verified_in_the_static_step(llm):
     assert spec.engine.counts["spec_accepted_tokens"] > 0
     assert any(rows > 1 for _, rows in spec.engine.runner.static_decoder.inputs)
     assert_pool_empty(spec)
+
+
+def test_gpu_defaults_differ_where_a_gpu_differs():
+    """Prefill chunks: 512 on a CPU, 2048 on a GPU (an eager forward's launches outweigh its arithmetic there)."""
+    assert EngineConfig().prefill_chunk_size == 512 and EngineConfig(device="cuda").prefill_chunk_size == 2048
+    assert EngineConfig(device="cuda", prefill_chunk_size=256).prefill_chunk_size == 256

@@ -200,10 +200,13 @@ class EngineConfig:
     kv_cache_bytes: int = 2 * 1024**3  # size of the KV pool (CPU pages are committed only when used)
     max_num_seqs: int = 16  # sequences running at once
     max_batched_tokens: int = 2048  # tokens in one forward
-    # A smaller prefill chunk stalls other sequences' decoding for less time and holds fewer activations; a
-    # bigger one prefills a little faster (benchmarks/scripts/cpu_levers.py: on the default model, 2 cores,
-    # chunks of 512 against 2048 prefill 3072 tokens 0-10% slower, with a process peak about 50 MB lower).
-    prefill_chunk_size: int = 512  # most prompt tokens of one sequence in one forward
+    # Most prompt tokens of one sequence in one forward (None: 512 on a CPU, 2048 on a GPU). A smaller chunk
+    # stalls other sequences' decoding for less time and holds fewer activations; a bigger one prefills a
+    # little faster on a CPU (benchmarks/scripts/cpu_levers.py: on the default model, 2 cores, chunks of 512
+    # against 2048 prefill 3072 tokens 0-10% slower, with a process peak about 50 MB lower). On a GPU a
+    # prefill forward runs eagerly, and its launches cost more than its arithmetic (METHODS.md section 5:
+    # ~16 ms a forward for a 1B model on an H200): four chunks of 512 would cost about four times one of 2048.
+    prefill_chunk_size: int | None = None
     max_model_len: int | None = None  # context window; default: the model's
     native_kernels: bool = True  # C++ kernels (float32 on CPU): GGUF-block matmul, in-place paged decode attention
     # "int8": every row multiplied by Q4_0/Q4_1/Q8_0 blocks is rounded to int8 per 32 entries first (faster,
@@ -228,15 +231,17 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
+        if self.prefill_chunk_size is None:
+            self.prefill_chunk_size = 2048 if device.type == "cuda" else 512
         for name in ("block_size", "kv_cache_bytes", "max_num_seqs", "max_batched_tokens", "prefill_chunk_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {self.device!r}") from None
         if self.kv_dtype != "auto" and self.kv_dtype not in DTYPES and self.kv_dtype not in QUANTIZED_KV_BITS:
             raise ConfigError(
                 f"kv_dtype must be auto or one of {', '.join([*DTYPES, *QUANTIZED_KV_BITS])}, got {self.kv_dtype!r}"
