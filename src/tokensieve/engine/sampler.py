@@ -6,7 +6,8 @@ E_i / p_i the first to ring is token i with probability p_i, so this is an exact
 no cumulative sum and no host sync. E comes from a counter-based hash of (the request's seed, the
 position being drawn, the token id): a request's draws depend on nothing else, not on the batch it
 shares a step with, nor on whether its tokens were drafted (speculative verification draws through
-`draw_token`, the same function, so a seeded request gives the same tokens with and without it).
+`draw_token`, the same function, so a seeded request gives the same tokens with and without it, as far
+as the two forwards' logits agree).
 
 `target_distributions` is the single definition of the warped distribution.
 """
