@@ -56,6 +56,8 @@ class DeviceBlockTables:
         if table.changed_from == UP_TO_DATE:
             return None
         used = int(table.num_blocks.max())
+        if used > self.columns:  # its columns would spill into the next (place, head)'s
+            raise ValueError(f"a block table of {used} columns does not fit the device tables' {self.columns}")
         first = min(table.changed_from, used)
         table.changed_from = UP_TO_DATE
         columns = np.arange(first, used)[None, None, :]

@@ -49,8 +49,10 @@ class StaticDecoder:
         self.num_layers, self.num_kv_heads, self.window = cfg.num_layers, cfg.num_kv_heads, cfg.sliding_window
         self.batch_buckets = powers_of_two(max_num_seqs)
         self.max_rows = max_rows
-        self.tables = DeviceBlockTables(cfg.num_layers, cfg.num_kv_heads, self.batch_buckets[-1],
-                                        -(-max_model_len // pool.block_size), scratch_block, self.device)
+        # a sequence holds at most max_model_len entries, and a verification block of up to MAX_BLOCK_ROWS past them
+        columns = -(-(max_model_len + MAX_BLOCK_ROWS) // pool.block_size)
+        self.tables = DeviceBlockTables(cfg.num_layers, cfg.num_kv_heads, self.batch_buckets[-1], columns, scratch_block,
+                                        self.device)
         self.scratch_slot = scratch_block * pool.block_size
         self.uses_graphs = self.device.type == "cuda"
         self.inputs: dict[tuple[int, int], StepInputs] = {}  # by (batch, rows) bucket
