@@ -10,6 +10,7 @@ import argparse
 import time
 
 import torch
+from step_cost import timed  # this folder's: a function that adds its seconds up by label
 
 from tokensieve import SamplingParams
 from tokensieve.bench.model_shapes import build_shape
@@ -20,19 +21,6 @@ from tokensieve.engine.engine import LLMEngine
 
 LABELS = ("schedule", "static step (on CUDA the forward is only launched)", "of which packing its inputs",
           "sample (on CUDA it waits for the forward)", "outputs", "prefix cache")
-
-
-def timed(seconds: dict, label: str, owner, name: str) -> None:
-    function = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        began = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - began
-
-    setattr(owner, name, wrapper)
 
 
 def main() -> None:
@@ -52,7 +40,7 @@ def main() -> None:
     for label, (owner, name) in zip(LABELS, [(engine.scheduler, "schedule"), (decoder, "forward"), (decoder, "_pack"),
                                              (engine_module, "sample_tokens"), (engine, "_append_tokens"),
                                              (engine.scheduler, "cache_computed")]):
-        timed(seconds, label, owner, name)
+        setattr(owner, name, timed(seconds, label, getattr(owner, name)))
     print(f"{args.shape} shape on {args.device}, static decode, context {args.context}; ms per step")
     for batch in args.batches:
         generator = torch.Generator().manual_seed(batch)
