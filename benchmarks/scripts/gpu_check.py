@@ -8,8 +8,9 @@
    contexts up to 8k, sliding windows (skipped off CUDA);
 4. the Llama-3.2-1B shape in bfloat16: prefill and decode tokens/s beside transformers, static decode on and
    off, the bandwidth share of each decode step, and a profile of one decode step at batch 1;
-5. the speculative tuner's latency probe for that model at batch 1 (seconds per forward against drafted
-   tokens), as the probe times it and with the device synchronised after each forward.
+5. speculation on that model: the tuner's latency probe at batch 1 (seconds per forward against drafted
+   tokens, static decode on and off), and greedy decoding of a repeating text with speculation against
+   without (tokens per forward, speedup, the same tokens).
 
 Run from the repository root on the GPU machine, the package imported from the working tree by PYTHONPATH
 (no install: that machine has no internet for pip's build backend; torch, transformers and triton are there):
@@ -38,6 +39,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -369,32 +371,37 @@ def profile_decode_step(engine: LLMEngine, vocab: int) -> dict:
             "runtime_calls": dict(runtime.most_common(12))}
 
 
-# ---- 5. what the speculative tuner sees ----------------------------------------------------------
+# ---- 5. speculation on the device -----------------------------------------------------------------
 
-class SyncedRunner:
-    """A runner whose run() returns once the device has finished it, so that the probe's clock times the work."""
-
-    def __init__(self, runner):
-        self.runner = runner
-
-    def run(self, chunks):
-        result = self.runner.run(chunks)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return result
-
-
-def measure_forward_latency(args, results: dict) -> str:
+def measure_speculation(args, results: dict) -> str:
+    """The tuner's view (the latency probe: seconds per forward by drafted tokens, batch 1, static decode on
+    and off), then greedy decoding of a text that repeats itself, with speculation (the device's defaults,
+    tuned) against without: tokens per forward, speedup, and whether the tokens are the same."""
     shape = build_shape(args.shape, torch.bfloat16, args.device)
     vocab = shape.ours.config.vocab_size
     results |= {"shape": args.shape, "batch": 1, "drafted_tokens": list(DRAFTED_TOKENS), "contexts": list(CONTEXTS)}
     for static in (True, False):
         engine = LLMEngine(shape.ours, speed_config(args, static), shape.tokenizer)
-        for label, runner in (("as probed", engine.runner), ("synchronised", SyncedRunner(engine.runner))):
-            probe = LatencyProbe(runner, engine.block_manager, vocab, engine.max_model_len, rounds=1 if args.quick else 5)
-            results[f"static {'on' if static else 'off'}, {label}"] = {
-                context: probe(1, list(DRAFTED_TOKENS), context) for context in CONTEXTS}
-    return "measured"
+        probe = LatencyProbe(engine.runner, engine.block_manager, vocab, engine.max_model_len, rounds=1 if args.quick else 5)
+        results[f"probe, static decode {'on' if static else 'off'}"] = {
+            context: probe(1, list(DRAFTED_TOKENS), context) for context in CONTEXTS}
+    prompt = random_prompts(1, 24, vocab, 11)[0].tolist() * 8  # prompt lookup has something to copy
+    params = SamplingParams(max_tokens=16 if args.quick else 128, temperature=0, ignore_eos=True)
+    runs = {}
+    for name, speculative in (("plain", None), ("speculative", SpeculativeConfig())):
+        engine = LLMEngine(shape.ours, replace(speed_config(args, None), speculative=speculative), shape.tokenizer)
+        engine_tokens(engine, [prompt], [8])  # warm-up: graphs captured, the latency table probed
+        steps = engine.counts["steps"]
+        began = time.perf_counter()
+        tokens = engine_tokens(engine, [prompt], [params.max_tokens])[0]
+        runs[name] = {"seconds": time.perf_counter() - began, "forwards": engine.counts["steps"] - steps, "tokens": tokens}
+    plain, spec = runs["plain"], runs["speculative"]
+    results["speculation"] = {
+        "tokens": len(spec["tokens"]), "identical": spec["tokens"] == plain["tokens"],
+        "tokens_per_forward": len(spec["tokens"]) / spec["forwards"], "speedup": plain["seconds"] / spec["seconds"],
+        "plain_tok_s": len(plain["tokens"]) / plain["seconds"], "speculative_tok_s": len(spec["tokens"]) / spec["seconds"],
+    }
+    return "passed" if results["speculation"]["identical"] else "failed"
 
 
 SECTIONS = {  # name -> (function, time guard in seconds on a GPU)
@@ -402,7 +409,7 @@ SECTIONS = {  # name -> (function, time guard in seconds on a GPU)
     "cpu_agreement": (check_cpu_agreement, 60),
     "paged_decode_kernel": (check_paged_decode_kernel, 90),
     "speed": (measure_speed, 180),
-    "forward_latency": (measure_forward_latency, 60),
+    "speculation": (measure_speculation, 90),
 }
 
 
