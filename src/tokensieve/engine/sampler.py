@@ -109,7 +109,12 @@ def penalised_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
 
 def target_distributions(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """Probabilities [rows, vocab] of the next token under each row's settings (for temperature > 0)."""
-    logits = penalised_logits(logits, rows) / rows.temperature.unsqueeze(-1)
+    return _warped(penalised_logits(logits, rows), rows)
+
+
+def _warped(penalised: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
+    """target_distributions from logits the repetition penalty has already been applied to."""
+    logits = penalised / rows.temperature.unsqueeze(-1)
     if rows.max_top_k:
         best = torch.topk(logits, rows.max_top_k, dim=-1).values
         kth_best = best.gather(-1, (rows.top_k.clamp(max=rows.max_top_k) - 1).unsqueeze(-1))
@@ -128,10 +133,11 @@ def target_distributions(logits: torch.Tensor, rows: SamplingRows) -> torch.Tens
 
 def sample(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     """One token per row of `logits` [rows, vocab], as an int64 tensor on their device."""
-    greedy = penalised_logits(logits, rows).argmax(dim=-1)
+    penalised = penalised_logits(logits, rows)
+    greedy = penalised.argmax(dim=-1)
     if rows.all_greedy:
         return greedy
-    probs = target_distributions(logits, rows)
+    probs = _warped(penalised, rows)
     drawn = (probs / exponential_clocks(rows.seeds, rows.positions, logits.shape[-1])).argmax(dim=-1)
     return torch.where(rows.greedy, greedy, drawn)
 
