@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from .bench.commands import benchmark_command
 from .bench.longctx_parser import add_longctx_parser
 from .embed_command import add_embed_command
 from .errors import TokensieveError
@@ -229,25 +230,11 @@ def cmd_serve(args) -> None:
         raise app.state.server.load_error
 
 
-def cmd_bench(args) -> None:
-    args.command_line = "tokensieve " + " ".join(sys.argv[1:])
-    if args.bench == "spec":
-        from .bench.spec import run_spec_benchmark
+def cmd_report(args) -> None:
+    from .bench.report import rewrite_report
 
-        run_spec_benchmark(args)
-    elif args.bench == "longctx":
-        from .bench.longctx import run_longctx_benchmark
-
-        run_longctx_benchmark(args)
-    elif args.bench == "speed":
-        from .bench.speed import run_speed_benchmark
-
-        run_speed_benchmark(args)
-    else:
-        from .bench.report import rewrite_report
-
-        for path in rewrite_report(args.folder):
-            print(path)
+    for path in rewrite_report(args.folder):
+        print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--no-native-kernels", dest="native_kernels", action="store_false",
                        help="plain PyTorch only (to measure what the C++ kernels bring)")
     speed.add_argument("--out", default="benchmarks/speed", help="folder for speed.json, speed_cases.jsonl, speed.md and speed.png")
-    speed.set_defaults(func=cmd_bench, threads=2)
+    speed.set_defaults(func=benchmark_command("tokensieve.bench.speed", "run_speed_benchmark"), threads=2)
     add_longctx_parser(bench_sub, _add_model_options)
-    bench_sub.choices["longctx"].set_defaults(func=cmd_bench)
+    longctx = benchmark_command("tokensieve.bench.longctx", "run_longctx_benchmark")
+    bench_sub.choices["longctx"].set_defaults(func=longctx)
     from .bench.cpu_parser import add_cpu_parser
     from .bench.embed_parser import add_embed_parser
     from .bench.serve_parser import add_serve_parser
@@ -318,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers' prompt_lookup_num_tokens")
     spec.add_argument("--no-transformers", action="store_true", help="skip transformers generate")
     spec.add_argument("--out", default="benchmarks/spec", help="folder for spec.json, spec_cases.jsonl, spec.md and spec.png")
-    spec.set_defaults(func=cmd_bench, threads=2)
+    spec.set_defaults(func=benchmark_command("tokensieve.bench.spec", "run_spec_benchmark"), threads=2)
     report = bench_sub.add_parser("report", help="write a recorded run's Markdown table and plot again from its JSON")
     report.add_argument("folder", help="a benchmark's output folder (holding its speed, spec, longctx, serve or cpu .json)")
-    report.set_defaults(func=cmd_bench)
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from ..config import ACTIVATIONS
 from ..weights.packaged import DEFAULT_MODEL
-
-
-def _run_cpu(args) -> None:
-    from .cpu import run_cpu_benchmark
-
-    args.command_line = "tokensieve " + " ".join(sys.argv[1:])
-    run_cpu_benchmark(args)
+from .commands import benchmark_command
 
 
 def add_cpu_parser(bench_sub) -> None:
@@ -28,4 +20,4 @@ def add_cpu_parser(bench_sub) -> None:
     parser.add_argument("--n-ctx", type=int, default=4096,
                         help="context window of both engines (llama.cpp's n_ctx, our max_model_len)")
     parser.add_argument("--out", default="benchmarks/cpu", help="folder for cpu.json, cpu_cases.jsonl, cpu.md and cpu.png")
-    parser.set_defaults(func=_run_cpu)
+    parser.set_defaults(func=benchmark_command("tokensieve.bench.cpu", "run_cpu_benchmark"))

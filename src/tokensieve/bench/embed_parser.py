@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from ..merging.config import METHODS, METRICS, SCHEDULES
 from ..weights.packaged import DEFAULT_ENCODER
-
-
-def _run_embed(args) -> None:
-    from .embed import run_embed_benchmark
-
-    args.command_line = "tokensieve " + " ".join(sys.argv[1:])
-    run_embed_benchmark(args)
+from .commands import benchmark_command
 
 
 def add_embed_parser(bench_sub) -> None:
@@ -33,4 +25,4 @@ def add_embed_parser(bench_sub) -> None:
                         help="proportional attention (a merged token weighs as its size) on, off, or both")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of every system (the median is reported)")
     parser.add_argument("--out", default="benchmarks/embed", help="folder for embed.json, embed_cases.jsonl, embed.md and embed.png")
-    parser.set_defaults(func=_run_embed, dtype="float32", activations=None)
+    parser.set_defaults(func=benchmark_command("tokensieve.bench.embed", "run_embed_benchmark"), dtype="float32", activations=None)
