@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 
 import pytest
@@ -72,3 +73,30 @@ def no_host_sync():
     """Within it, any read of a tensor's values by the host raises AssertionError("host sync: ...")."""
     with NoValuesToPython(), NoHostSync():
         yield
+
+
+@contextmanager
+def triton_module(name: str):
+    """(the module `name` of Triton kernels, the device to test it on): real launches on CUDA; elsewhere its
+    kernels decorated for Triton's interpreter (TRITON_INTERPRET is read when @triton.jit runs), decorated
+    afresh afterwards."""
+    if torch.cuda.is_available():
+        pytest.importorskip("triton")
+        yield importlib.import_module(name), torch.device("cuda")
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        triton = pytest.importorskip("triton")
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        if isinstance(triton.language.standard.zeros, JITFunction):
+            # triton was imported before (torch imports it too): its own helpers (tl.zeros, tl.max, ...) are
+            # compiled-only, so interpret them when called
+            def interpreted_call(self, *args, **kwargs):
+                return InterpretedFunction(self.fn)(*args, **kwargs)
+
+            patch.setattr(JITFunction, "__call__", interpreted_call)
+        module = importlib.reload(importlib.import_module(name))
+        yield module, torch.device("cpu")
+    importlib.reload(module)

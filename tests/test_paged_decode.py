@@ -3,11 +3,9 @@ on the CPU) against a naive per-head softmax, and the PyTorch version without ho
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
-from conftest import no_host_sync
+from conftest import no_host_sync, triton_module
 
 from tokensieve.engine.paged_decode import paged_decode_attention, paged_decode_attention_torch
 
@@ -110,29 +108,9 @@ def test_the_torch_version_makes_no_host_sync(window):
 
 @pytest.fixture(scope="module")
 def triton_decode():
-    """(tokensieve.engine.triton_decode, the device to test it on): real launches on CUDA; elsewhere its
-    kernels decorated for Triton's interpreter (TRITON_INTERPRET is read when @triton.jit runs), decorated
-    afresh afterwards."""
-    if torch.cuda.is_available():
-        pytest.importorskip("triton")
-        yield importlib.import_module("tokensieve.engine.triton_decode"), torch.device("cuda")
-        return
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("TRITON_INTERPRET", "1")
-        triton = pytest.importorskip("triton")
-        from triton.runtime.interpreter import InterpretedFunction
-        from triton.runtime.jit import JITFunction
-
-        if isinstance(triton.language.standard.zeros, JITFunction):
-            # triton was imported before (torch imports it too): its own helpers (tl.zeros, tl.max, ...) are
-            # compiled-only, so interpret them when called
-            def interpreted_call(self, *args, **kwargs):
-                return InterpretedFunction(self.fn)(*args, **kwargs)
-
-            patch.setattr(JITFunction, "__call__", interpreted_call)
-        module = importlib.reload(importlib.import_module("tokensieve.engine.triton_decode"))
-        yield module, torch.device("cpu")
-    importlib.reload(module)
+    """(tokensieve.engine.triton_decode, the device to test it on): see conftest.triton_module."""
+    with triton_module("tokensieve.engine.triton_decode") as module_and_device:
+        yield module_and_device
 
 
 @pytest.mark.parametrize(
@@ -320,3 +298,17 @@ def test_both_versions_verify_trees_of_128_rows_for_groups_of_8(triton_decode):
     triton_out = module.paged_decode_attention_triton(q, keys, values, tables, lengths, 0.25, block_visibility=visibility,
                                                       block_rows=block_rows, num_splits=3)
     assert_matches_on_real_rows(triton_out, expected, block_rows, 1e-5)
+
+
+def test_both_versions_read_the_table_rows_places_name(triton_decode):
+    """Sequence s reads row places[s] of a table with more rows than sequences (the static step's tables)."""
+    module, device = triton_decode
+    q, keys, values, tables, lengths = make_case(3, 2, 2, 32, torch.float32, seed=1)
+    expected = naive_attention(q, keys, values, tables, lengths, 0.2)
+    places = torch.tensor([4, 0, 2])
+    spread = torch.randint(0, keys.shape[0], (5, *tables.shape[1:]), generator=torch.Generator().manual_seed(0))
+    spread[places] = tables
+    torch.testing.assert_close(paged_decode_attention(q, keys, values, spread, lengths, 0.2, places=places), expected)
+    q, keys, values, spread, lengths, places = (t.to(device) for t in (q, keys, values, spread, lengths, places))
+    out = module.paged_decode_attention_triton(q, keys, values, spread, lengths, 0.2, places=places, num_splits=2)
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)

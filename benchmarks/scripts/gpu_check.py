@@ -4,8 +4,10 @@
    in float32, static decode on (CUDA graphs) and off, 1, 3 and 8 prompts at once (bucket padding, and
    batches shrinking as requests finish); in bfloat16 the share of tokens before they part, as a soft figure;
 2. KV policies, block selection and speculative decoding give the same greedy tokens on the device as on the CPU;
-3. the Triton paged decode kernel against its PyTorch twin, float32/float16/bfloat16, 1 to 64 sequences,
-   contexts up to 8k, sliding windows (skipped off CUDA);
+3. the Triton kernels against the PyTorch code they replace, float32/float16/bfloat16 (skipped off CUDA): paged
+   decode attention against its twin (1 to 64 sequences, contexts up to 8k, sliding windows, draft trees,
+   block tables read through places), and the layer ops (rms_norm, rotary, silu_mul, store_kv) at the 1B's
+   shapes, with the share of elements equal to PyTorch's;
 4. the Llama-3.2-1B shape in bfloat16: prefill and decode tokens/s beside transformers, static decode on and
    off, the bandwidth share of each decode step, and a profile of one decode step at batch 1;
 5. speculation on that model: the tuner's latency probe at batch 1 (seconds per forward against drafted
@@ -212,14 +214,15 @@ def check_cpu_agreement(args, results: dict) -> str:
     return "passed" if all(c["ok"] for c in cases) else "failed"
 
 
-# ---- 3. the Triton kernel against its twin -------------------------------------------------------
+# ---- 3. the Triton kernels against PyTorch -------------------------------------------------------
 
-def check_paged_decode_kernel(args, results: dict) -> str:
+def check_kernels(args, results: dict) -> str:
     if not args.device.startswith("cuda"):
         return "skipped (needs CUDA)"
     from tokensieve.engine.paged_decode import paged_decode_attention, paged_decode_attention_torch
 
     cases = results.setdefault("cases", [])
+    check_layer_ops(args.device, results.setdefault("layer_ops", []))
     for index, (heads, kv_heads, dim, seqs, context, window) in enumerate(KERNEL_CASES):
         for dtype in TOLERANCE:
             index_dtype = torch.int64 if index % 3 == 0 else torch.int32  # the engine's buffers are int32
@@ -230,7 +233,14 @@ def check_paged_decode_kernel(args, results: dict) -> str:
                 scale = dim**-0.5
                 expected = paged_decode_attention_torch(*inputs, scale, window).float()
                 out = torch.empty_like(inputs[0])
-                got = paged_decode_attention(*inputs, scale, window, out=out)
+                if index % 2:  # the tables as the static step holds them: more rows than sequences, read by place
+                    q, keys, values, tables, lengths = inputs
+                    places = torch.randperm(2 * seqs, device=q.device)[:seqs]
+                    spread = torch.zeros((2 * seqs, *tables.shape[1:]), dtype=tables.dtype, device=q.device)
+                    spread[places] = tables
+                    got = paged_decode_attention(q, keys, values, spread, lengths, scale, window, out=out, places=places)
+                else:
+                    got = paged_decode_attention(*inputs, scale, window, out=out)
                 error = (got.float() - expected).abs().max().item() / expected.abs().max().clamp_min(1e-6).item()
                 case |= {"relative_error": error, "ok": error <= TOLERANCE[dtype] and got.data_ptr() == out.data_ptr()}
                 if (seqs, context) == (64, 8192) or (seqs, context) == (1, 8192):
@@ -254,7 +264,48 @@ def check_paged_decode_kernel(args, results: dict) -> str:
             except Exception as exc:
                 case |= {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             cases.append(case)
-    return "passed" if all(c["ok"] for c in cases) else "failed"
+    return "passed" if all(c["ok"] for c in cases + results["layer_ops"]) else "failed"
+
+
+def check_layer_ops(device: str, cases: list) -> None:
+    """kernels/triton_ops.py against the PyTorch code it replaces, at the 1B's shapes (64 rows)."""
+    import torch.nn.functional as F
+
+    from tokensieve.engine.kv_pool import KVPool
+    from tokensieve.kernels import triton_ops
+    from tokensieve.models.rope import RotaryEmbedding, rotate_half
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    for dtype in TOLERANCE:
+        def normal(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
+
+        x, weight = normal(64, 2048, scale=3.0), normal(2048, scale=0.2) + 1
+        qkv, gate_up = normal(64, 48 * 64, scale=2.0), normal(64, 2 * 8192, scale=4.0)
+        qk = qkv[:, : 40 * 64].view(64, 40, 64)
+        cos, sin = RotaryEmbedding(64, 4096, 500000.0, None).to(device)(torch.arange(0, 4096, 64, device=device), dtype)
+        if dtype == torch.float32:
+            norm_reference = F.rms_norm(x, (2048,), weight, 1e-5)
+        else:
+            norm_reference = weight * F.rms_norm(x.float(), (2048,), eps=1e-5).to(dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        pairs = {"rms_norm": (triton_ops.rms_norm(x, weight, 1e-5), norm_reference),
+                 "rotary": (triton_ops.rotary(qk, cos, sin), qk * cos + rotate_half(qk) * sin),
+                 "silu_mul": (triton_ops.silu_mul(gate_up), F.silu(gate) * up)}
+        pool = KVPool(4096, 16, 64, dtype, torch.device(device))
+        slots = torch.randperm(4096 * 16, generator=generator, device=device)[: 64 * 8].view(64, 8)
+        keys, values = qkv[:, 32 * 64 : 40 * 64].view(64, 8, 64), qkv[:, 40 * 64 :].view(64, 8, 64)
+        pool.keys[slots // 16, :, slots % 16] = keys  # the PyTorch writes KVPool.store makes off the GPU
+        pool.values.view(-1, 64)[slots.view(-1)] = values.reshape(-1, 64)
+        key_pool, value_pool = torch.zeros_like(pool.keys), torch.zeros_like(pool.values)
+        triton_ops.store_kv(key_pool, value_pool, slots, keys, values)
+        pairs["store_kv"] = (torch.cat([key_pool.view(-1), value_pool.view(-1)]), torch.cat([pool.keys.view(-1), pool.values.view(-1)]))
+        for name, (got, expected) in pairs.items():
+            got, expected = got.float(), expected.float()
+            error = (got - expected).abs().max().item() / expected.abs().max().clamp_min(1e-6).item()
+            equal = (got == expected).float().mean().item()
+            cases.append({"op": name, "dtype": str(dtype).removeprefix("torch."), "relative_error": error,
+                          "share_equal": equal, "ok": error <= TOLERANCE[dtype] and (name != "store_kv" or equal == 1.0)})
 
 
 def tree_inputs(rows: int, group: int, seqs: int, dtype, device, kv_heads: int = 8, dim: int = 64, context: int = 1500):
@@ -407,7 +458,7 @@ def measure_speculation(args, results: dict) -> str:
 SECTIONS = {  # name -> (function, time guard in seconds on a GPU)
     "greedy_tokens": (check_greedy_tokens, 90),
     "cpu_agreement": (check_cpu_agreement, 60),
-    "paged_decode_kernel": (check_paged_decode_kernel, 90),
+    "kernels": (check_kernels, 90),
     "speed": (measure_speed, 180),
     "speculation": (measure_speculation, 90),
 }

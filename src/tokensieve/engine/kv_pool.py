@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..kernels import layer_ops
 from .block_table import BlockTable
 
 
@@ -64,8 +65,9 @@ class KVPool:
         slots = slots.reshape(-1)
         if self.key_min is not None:
             self._bound_new_keys(slots, keys)
-        if self.kernels is not None:
-            return self.kernels.store_kv(self.keys, self.values, slots, keys, values)
+        ops = layer_ops(self.kernels, keys)
+        if ops is not None:
+            return ops.store_kv(self.keys, self.values, slots, keys, values)
         keys, values = (t.reshape(-1, self.head_dim).to(self.dtype) for t in (keys, values))
         self.keys[slots // self.block_size, :, slots % self.block_size] = keys
         self.values.view(-1, self.head_dim)[slots] = values

@@ -17,11 +17,13 @@ def paged_decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
     scale: float, window: int = 0, out: torch.Tensor | None = None,
     block_visibility: torch.Tensor | None = None, block_rows: torch.Tensor | None = None,
+    places: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q.k) @ v of every query head over its KV head's entries, q's shape and dtype.
 
     q [seqs, heads, dim]; keys [blocks, dim, block_size] and values [blocks, block_size, dim] (the pool);
     block_tables [seqs, kv_heads, max_blocks] and lengths [seqs, kv_heads] (each >= 1), int32 or int64;
+    given `places` (int64 [seqs]), sequence s reads row places[s] of block_tables instead of row s;
     `window` > 0 attends only to the last `window` entries of each (sequence, KV head).
 
     Draft trees: q [seqs, rows, heads, dim], block_rows [seqs] (1 <= block_rows[s] <= rows, and <= the
@@ -33,8 +35,10 @@ def paged_decode_attention(
         from .triton_decode import paged_decode_attention_triton
 
         return paged_decode_attention_triton(
-            q, keys, values, block_tables, lengths, scale, window, out, block_visibility, block_rows
+            q, keys, values, block_tables, lengths, scale, window, out, block_visibility, block_rows, places
         )
+    if places is not None:
+        block_tables = block_tables.index_select(0, places)
     return paged_decode_attention_torch(
         q, keys, values, block_tables, lengths, scale, window, out, block_visibility, block_rows
     )

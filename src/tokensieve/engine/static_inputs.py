@@ -69,40 +69,44 @@ class StepInputs:
 
 
 class StaticAttention:
-    """The model's attention callable for one bucket: store each real row's new entries (padding rows'
-    go to the scratch slot), then attend over the pool through the device block tables."""
+    """The model's attention callable for one bucket. Made before the forward, it works out every layer's
+    write slots at once (padding rows write to the scratch slot) and records their positions; each layer
+    then stores its new entries and attends over the pool through the device block tables."""
 
     def __init__(self, pool: KVPool, tables: torch.Tensor, inputs: StepInputs, width: int, sliding_window: int | None,
                  scratch_slot: int):
         """`tables` [layers, places, kv_heads, columns]; `width`: the columns read (all of them in a graph,
         where the kernel stops at the lengths)."""
-        self.pool, self.tables, self.inputs, self.width = pool, tables, inputs, width
-        self.window, self.scratch_slot = sliding_window or 0, scratch_slot
+        self.pool, self.inputs, self.window = pool, inputs, sliding_window or 0
+        self.tables = tables[..., :width]
         buffers = inputs.buffers
         self.visibility = unpack_visibility(buffers["visibility"], inputs.rows) if inputs.rows > 1 else None
-        rows = torch.arange(inputs.rows, device=pool.device)
-        self.block_rows = buffers["block_rows"].long()
-        self.real = (rows < self.block_rows.unsqueeze(-1)).unsqueeze(1)  # [batch, 1, rows]
-        self.offset = rows - self.block_rows.view(-1, 1, 1)  # a row's entry, from the end of its sequence's
+        self.slots = self._slots(buffers["places"], buffers["lengths"], buffers["block_rows"], scratch_slot)
+        positions = buffers["positions"].view(1, -1, 1)
+        pool.positions.view(-1)[self.slots] = positions.expand_as(self.slots)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool, buffers, batch, rows = self.pool, self.inputs.buffers, self.inputs.batch, self.inputs.rows
-        tables = self.tables[layer, :, :, : self.width].index_select(0, buffers["places"])  # [batch, kv_heads, width]
-        lengths = buffers["lengths"][layer]
-        slots = self._slots(tables, lengths)
-        pool.store(slots, k, v)
-        pool.positions.view(-1)[slots] = buffers["positions"].unsqueeze(-1).expand_as(slots)
+        pool.store(self.slots[layer], k, v)
+        tables, lengths, places = self.tables[layer], buffers["lengths"][layer], buffers["places"]
         scale = q.shape[-1] ** -0.5
         if self.visibility is None:
-            return paged_decode_attention(q, pool.keys, pool.values, tables, lengths, scale, self.window)
+            return paged_decode_attention(q, pool.keys, pool.values, tables, lengths, scale, self.window, places=places)
         out = paged_decode_attention(q.view(batch, rows, *q.shape[1:]), pool.keys, pool.values, tables, lengths, scale,
-                                     block_visibility=self.visibility, block_rows=buffers["block_rows"])
+                                     block_visibility=self.visibility, block_rows=buffers["block_rows"], places=places)
         return out.view(q.shape)
 
-    def _slots(self, tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Flat pool slots [batch * rows, kv_heads] of this step's entries: a sequence's block is the last
-        block_rows entries of each of its (layer, KV head)."""
-        entry = torch.where(self.real, lengths.long().unsqueeze(-1) + self.offset, 0)  # [batch, kv_heads, rows]
-        blocks = tables.gather(-1, entry // self.pool.block_size).long()
-        slots = torch.where(self.real, blocks * self.pool.block_size + entry % self.pool.block_size, self.scratch_slot)
-        return slots.transpose(1, 2).reshape(-1, tables.shape[1])
+    def _slots(self, places: torch.Tensor, lengths: torch.Tensor, block_rows: torch.Tensor, scratch_slot: int) -> torch.Tensor:
+        """Flat pool slots [layers, batch * rows, kv_heads] of this step's entries: a sequence's block is the
+        last block_rows entries of each of its (layer, KV head)."""
+        layers, batch, kv_heads = lengths.shape
+        rows, block_size = self.inputs.rows, self.pool.block_size
+        row = torch.arange(rows, device=lengths.device)
+        block_rows = block_rows.long().view(batch, 1, 1)
+        real = row < block_rows  # [batch, 1, rows]
+        entry = torch.where(real, lengths.long().unsqueeze(-1) + row - block_rows, 0)  # [layers, batch, kv_heads, rows]
+        layer_index = torch.arange(layers, device=lengths.device).view(-1, 1, 1, 1)
+        head_index = torch.arange(kv_heads, device=lengths.device).view(1, 1, -1, 1)
+        blocks = self.tables[layer_index, places.view(1, -1, 1, 1), head_index, entry // block_size].long()
+        slots = torch.where(real, blocks * block_size + entry % block_size, scratch_slot)
+        return slots.transpose(2, 3).reshape(layers, batch * rows, kv_heads)

@@ -26,7 +26,7 @@ MAX_TILE_ROWS = 64
 
 @triton.jit
 def _split_kernel(
-    q_ptr, keys_ptr, values_ptr, tables_ptr, lengths_ptr, visibility_ptr, block_rows_ptr, partial_ptr, lse_ptr,
+    q_ptr, keys_ptr, values_ptr, tables_ptr, places_ptr, lengths_ptr, visibility_ptr, block_rows_ptr, partial_ptr, lse_ptr,
     stride_qs, stride_qr, stride_qh, stride_qd,
     stride_kb, stride_kd, stride_ke,
     stride_vb, stride_ve, stride_vd,
@@ -36,7 +36,7 @@ def _split_kernel(
     scale, window, num_splits,
     ROWS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_ROWS: tl.constexpr, ROW_TILES: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_PAD: tl.constexpr,
-    TREE: tl.constexpr,
+    TREE: tl.constexpr, PLACES: tl.constexpr,
 ):
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     split, row_tile = tl.program_id(2) // ROW_TILES, tl.program_id(2) % ROW_TILES
@@ -60,7 +60,10 @@ def _split_kernel(
         real_row, padding_row = tree_rows < tree_size, tree_rows >= tree_size
         visibility_rows = visibility_ptr + seq * stride_visibility_s + tree_rows * stride_visibility_r
 
-    table = tables_ptr + seq * stride_ts + kv_head * stride_th
+    place = seq  # the sequence's row of the tables
+    if PLACES:
+        place = tl.load(places_ptr + seq)
+    table = tables_ptr + place * stride_ts + kv_head * stride_th
     running_max = tl.full([TILE_ROWS], float("-inf"), tl.float32)
     running_sum = tl.zeros([TILE_ROWS], tl.float32)
     acc = tl.zeros([TILE_ROWS, DIM_PAD], tl.float32)
@@ -123,6 +126,18 @@ def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def tile_rows_for(rows: int, group: int) -> int:
+    """Query rows per program: a KV head's rows * group, padded to a power of two, at least tl.dot's 16, at
+    most MAX_TILE_ROWS (more rows take more tiles)."""
+    return max(16, min(MAX_TILE_ROWS, triton.next_power_of_2(rows * group)))
+
+
+def warps_for(tile_rows: int) -> int:
+    """A 64-row tile runs on 8 warps: on 4, its float32 accumulators spill at head_dim 128
+    (tests/test_triton_compile.py)."""
+    return 4 if tile_rows <= 32 else 8
+
+
 def choose_num_splits(seqs: int, kv_heads: int, max_blocks: int, multiprocessors: int, row_tiles: int = 1) -> int:
     """Splits per (sequence, KV head, row tile) that give about PROGRAMS_PER_SM programs per multiprocessor."""
     wanted = -(-PROGRAMS_PER_SM * multiprocessors // (seqs * kv_heads * row_tiles))
@@ -132,7 +147,8 @@ def choose_num_splits(seqs: int, kv_heads: int, max_blocks: int, multiprocessors
 def paged_decode_attention_triton(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
     scale: float, window: int = 0, out: torch.Tensor | None = None,
-    block_visibility: torch.Tensor | None = None, block_rows: torch.Tensor | None = None, num_splits: int | None = None,
+    block_visibility: torch.Tensor | None = None, block_rows: torch.Tensor | None = None, places: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """paged_decode_attention (which see) as Triton kernels; `num_splits` defaults to what fills the GPU
     (one split off CUDA, where only the interpreter runs)."""
@@ -142,9 +158,8 @@ def paged_decode_attention_triton(
     rows_q, rows_out = (q, out) if tree else (q.unsqueeze(1), out.unsqueeze(1))
     seqs, rows, heads, dim = rows_q.shape
     kv_heads, max_blocks = block_tables.shape[1:]
-    block_size = keys.shape[-1]
-    group = heads // kv_heads
-    tile_rows = max(16, min(MAX_TILE_ROWS, triton.next_power_of_2(rows * group)))
+    block_size, group = keys.shape[-1], heads // kv_heads
+    tile_rows = tile_rows_for(rows, group)
     row_tiles = triton.cdiv(rows * group, tile_rows)
     if num_splits is None:
         num_splits = (
@@ -156,11 +171,12 @@ def paged_decode_attention_triton(
     tree_strides = (*visibility.stride(), block_rows.stride(0)) if tree else (0, 0, 0, 0)
     dim_pad = max(16, triton.next_power_of_2(dim))
     _split_kernel[(seqs, kv_heads, num_splits * row_tiles)](
-        rows_q, keys, values, block_tables, lengths, visibility, block_rows, partial, lse,
+        rows_q, keys, values, block_tables, places, lengths, visibility, block_rows, partial, lse,
         *rows_q.stride(), *keys.stride(), *values.stride(), *block_tables.stride(), *lengths.stride(), *tree_strides,
         scale, window, num_splits,
         ROWS=rows, GROUP=group, HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE_ROWS=tile_rows, ROW_TILES=row_tiles,
-        DIM_PAD=dim_pad, BLOCK_PAD=max(16, triton.next_power_of_2(block_size)), TREE=tree,
+        DIM_PAD=dim_pad, BLOCK_PAD=max(16, triton.next_power_of_2(block_size)), TREE=tree, PLACES=places is not None,
+        num_warps=warps_for(tile_rows),
     )
     _combine_kernel[(seqs * rows, heads)](
         partial, lse, rows_out, *rows_out.stride(), num_splits,

@@ -39,6 +39,16 @@ def kernels_take(kernels, x) -> bool:
     return kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+def layer_ops(kernels, x: torch.Tensor):
+    """What runs the layer ops (rms_norm, rotary, silu_mul, store_kv) on tensor x: the Triton kernels on
+    CUDA, the native `kernels` (when given) for float32 on the CPU, else None (plain PyTorch)."""
+    if x.is_cuda:
+        from . import triton_ops
+
+        return triton_ops
+    return kernels if kernels_take(kernels, x) else None
+
+
 def _import_built(library: Path):
     """The extension a finished build left (the folder is named by its sources), without asking torch's
     builder, which runs ninja to check it (0.2 s of every start); None if there is none or it is broken."""

@@ -5,9 +5,10 @@ grouped-query heads; Qwen2 adds a bias to q/k/v, Qwen3 an RMSNorm on each q and 
 The model never sees the KV cache: each layer hands its new q, k, v to `attention(layer, q, k, v)`,
 which stores k and v and returns the attention output (see engine/attention.py).
 q/k/v and gate/up are fused into single matrices, and each residual add is fused into the
-output projection (addmm): on a CPU, decoding one token is dominated by per-op overhead. For the
-same reason RMSNorm, the rotary embedding and SwiGLU's silu(gate) * up run as one native call each
-when the loader hands them the kernels (kernels/layer_ops.cpp).
+output projection (addmm): decoding one token is dominated by per-op overhead. For the same reason
+RMSNorm, the rotary embedding and SwiGLU's silu(gate) * up run as one call each: a Triton kernel on
+CUDA (kernels/triton_ops.py), a native one on the CPU when the loader hands them the kernels
+(kernels/layer_ops.cpp).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import kernels_take
+from ..kernels import layer_ops
 from .config import ModelConfig
 from .int8_weight import Int8Weight
 from .quantized import QuantizedWeight
@@ -36,8 +37,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels_take(self.kernels, x):
-            return self.kernels.rms_norm(x, self.weight, self.eps)
+        ops = layer_ops(self.kernels, x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # normalise in float32, scale in the model dtype (as the reference implementation does)
@@ -121,8 +123,9 @@ class SwiGLU(nn.Module):
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, before the down projection."""
         gate_up = self.gate_up_proj(x)
-        if kernels_take(self.kernels, gate_up):
-            return self.kernels.silu_mul(gate_up)
+        ops = layer_ops(self.kernels, gate_up)
+        if ops is not None:
+            return ops.silu_mul(gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 

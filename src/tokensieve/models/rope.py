@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..errors import ModelLoadError
-from ..kernels import kernels_take
+from ..kernels import layer_ops
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -54,9 +54,10 @@ class RotaryEmbedding(torch.nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels=None) -> torch.Tensor:
     """Rotate each head of x [tokens, heads, head_dim]: pairs (i, i + head_dim/2) turn by the token's angles
-    (by the native kernel when given one: the same arithmetic in one call)."""
-    if kernels_take(kernels, x):
-        return kernels.rotary(x, cos, sin)
+    (in one call where kernels take x: kernels/__init__.py's layer_ops)."""
+    ops = layer_ops(kernels, x)
+    if ops is not None:
+        return ops.rotary(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 
