@@ -1,5 +1,7 @@
 """Generation features on the real model: streaming, stop conditions, chats, accounting."""
 
+import torch
+
 from tokensieve import SamplingParams
 from tokensieve.engine.detokenizer import IncrementalDetokenizer
 
@@ -12,6 +14,28 @@ def test_incremental_detokenizer_never_splits_a_character(llm):
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
     assert len(ids) > len([d for d in deltas if d])  # some tokens were partial characters
+
+
+class DecodeOnly:
+    """A tokenizer with nothing but decode: the detokenizer then decodes the last tokens twice a step."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+def test_decode_stream_gives_the_deltas_of_decoding_twice(llm):
+    """The Rust DecodeStream path against the two-decode path, token by token after a prompt: a text with
+    multi-byte characters, then random token ids (special tokens and partial characters among them)."""
+    prompt = llm.tokenizer("Here is some text:").input_ids
+    text_ids = llm.tokenizer(" Café ☕ costs 5€ — 東京 and 😀 emoji 👩‍💻! ¿Qué tal?").input_ids
+    random_ids = torch.randint(0, llm.tokenizer._tokenizer.get_vocab_size(), (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    streamed, decoded = IncrementalDetokenizer(llm.tokenizer, prompt), IncrementalDetokenizer(DecodeOnly(llm.tokenizer), prompt)
+    assert streamed._stream is not None and decoded._stream is None
+    ids = list(prompt)
+    for token in text_ids + random_ids:
+        ids.append(token)
+        assert streamed.step(ids) == decoded.step(ids)
+    assert streamed.text == decoded.text and streamed.text.startswith(" Café ☕ costs 5€")
 
 
 def test_stream_deltas_add_up_to_the_final_text(llm):
