@@ -61,3 +61,24 @@ def test_tables_grow_past_their_initial_capacity():
     assert len(ids) == len(set(ids)) == 30
     manager.drop(table)
     assert manager.num_free_blocks == 200
+
+
+def test_fits_agrees_with_the_blocks_needed_through_appends_drafts_and_clears():
+    """BlockTable.fits keeps its room as a number between array updates: it must say what blocks_needed says."""
+    rng = np.random.default_rng(0)
+    manager = BlockManager(num_blocks=400, block_size=4, num_layers=2, num_kv_heads=2)
+    table = manager.new_table()
+    for step in range(300):
+        action = rng.integers(3)
+        if action == 0:  # decode or prefill
+            n = int(rng.integers(1, 7))
+            manager.reserve(table, n)
+            table.claim(n)
+        elif action == 1 and table.lengths.min() >= 3:  # a verified draft keeps some of its appended entries
+            manager.reserve(table, 3)
+            table.claim(3)
+            manager.keep_appended(table, 3, np.sort(rng.choice(3, int(rng.integers(4)), replace=False)))
+        elif action == 2 and rng.random() < 0.1:
+            manager.release(table)
+        for n in (1, 2, 5):
+            assert table.fits(n) == (not table.blocks_needed(n).any()), (step, n)

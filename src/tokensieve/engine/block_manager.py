@@ -56,13 +56,15 @@ class BlockManager:
         return table
 
     def blocks_needed(self, table: BlockTable, num_new: int) -> int:
-        return int(table.blocks_needed(num_new).sum())
+        return 0 if table.fits(num_new) else int(table.blocks_needed(num_new).sum())
 
     def can_append(self, table: BlockTable, num_new: int) -> bool:
         return self.blocks_needed(table, num_new) <= self.num_free_blocks
 
     def reserve(self, table: BlockTable, num_new: int) -> None:
         """Give `table` enough blocks to append `num_new` entries to every (layer, head)."""
+        if table.fits(num_new):
+            return
         needed = table.blocks_needed(num_new)
         total = int(needed.sum())
         if total > self.num_free_blocks:
@@ -97,7 +99,7 @@ class BlockManager:
         assert not table.num_blocks.any(), "a cached prefix goes only into an empty table"
         self.prefix_cache.acquire(blocks)
         table.add_blocks(np.full_like(table.num_blocks, len(blocks)), np.stack([b.block_ids for b in blocks], -1).ravel())
-        table.lengths[:] = len(blocks) * self.block_size
+        table.claim(len(blocks) * self.block_size)  # the table is empty: their entries are its first
         table.cached = list(blocks)
         self._update_peak()
 

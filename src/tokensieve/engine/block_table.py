@@ -21,6 +21,14 @@ class BlockTable:
         # the lowest column whose block ids changed since the static decode step last copied the table to
         # the device (static_decode.py); a column only changes when a block is written into it
         self.changed_from = 0
+        self._room = 0  # free entries in the blocks the fullest (layer, head) holds; None: work it out again
+
+    def fits(self, num_new: int) -> bool:
+        """Whether every (layer, head) has room for `num_new` more entries in the blocks it holds (most
+        decode steps: then no block is needed, which this knows without array work)."""
+        if self._room is None:
+            self._room = int((self.num_blocks * self.block_size - self.lengths).min())
+        return num_new <= self._room
 
     def blocks_needed(self, num_new: int) -> np.ndarray:
         """Blocks each (layer, head) must gain to store `num_new` more entries."""
@@ -44,6 +52,7 @@ class BlockTable:
         self.blocks[layer_idx[pair], head_idx[pair], slot] = np.asarray(block_ids, dtype=np.int64)
         self.num_blocks = new_total
         self.version += 1
+        self._room = None
 
     def replace_column(self, index: int, block_ids: np.ndarray) -> None:
         """Put other blocks [layers, heads] (holding the same entries) behind column `index`."""
@@ -61,6 +70,8 @@ class BlockTable:
         """Claim the next `num_new` entries of every (layer, head), whose slots someone else works out
         (the static decode step does, on the device)."""
         self.lengths += num_new
+        if self._room is not None:
+            self._room -= num_new
 
     def slots(self, layer: np.ndarray, head: np.ndarray, entry: np.ndarray) -> np.ndarray:
         """Flat pool slots of the given entries."""
@@ -104,6 +115,7 @@ class BlockTable:
         freed = self.blocks[(index >= new_num_blocks[..., None]) & (index < self.num_blocks[..., None])].tolist()
         self.lengths, self.num_blocks = lengths, new_num_blocks
         self.version += 1
+        self._room = None
         return freed
 
     def layers_aligned(self) -> bool:
@@ -122,6 +134,7 @@ class BlockTable:
         self.compacted = False
         self.cached = []
         self.version += 1
+        self._room = 0
 
     def padded_blocks(self, width: int) -> np.ndarray:
         """Block ids [layers, heads, width], padded with block 0 (masked out by the lengths)."""
