@@ -47,7 +47,9 @@ def main() -> None:
         params = SamplingParams(max_tokens=args.steps + 10, temperature=0, ignore_eos=True)
         ids = [engine.add_request(torch.randint(100, 40000, (args.context,), generator=generator).tolist(), params)
                for _ in range(batch)]
-        for _ in range(6):  # the prefill, then decode steps (graphs captured)
+        while len(engine.scheduler.running) < batch or any(s.num_unprocessed > 1 for s in engine.scheduler.running):
+            engine.step()  # the prefills (several steps at large batches)
+        for _ in range(3):  # decode steps (graphs captured)
             engine.step()
         seconds.clear()
         began = time.perf_counter()
