@@ -1,0 +1,119 @@
+"""How many kernels one static decode step launches on a GPU, counted on the CPU.
+
+A model with the Llama-3.2-1B's layer count and head grouping (16 layers, 4 query heads per KV head;
+narrow, random weights in bfloat16: the count does not depend on width) decodes one token through the static
+step twice: with the layer ops (RMSNorm, rotary, SwiGLU's silu * up, the KV store) as the PyTorch ops
+they were on CUDA before kernels/triton_ops.py, and with those Triton kernels. Both use the Triton
+decode attention. Triton runs through its interpreter; every PyTorch op that launches a kernel is
+counted (views and allocations are not), and every Triton launch. Inside a CUDA graph each launch
+still costs the GPU a few microseconds, which at batch 1 is what stands between a small model and its
+bandwidth limit (METHODS.md section 5).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/scripts/decode_launches.py
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit decorates: before the kernels are imported
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from tokensieve import SamplingParams  # noqa: E402
+from tokensieve.bench.model_shapes import ours_from_hf, stand_in_tokenizer  # noqa: E402
+from tokensieve.config import EngineConfig  # noqa: E402
+from tokensieve.engine import static_inputs  # noqa: E402
+from tokensieve.engine.engine import LLMEngine  # noqa: E402
+from tokensieve.engine.triton_decode import paged_decode_attention_triton  # noqa: E402
+from tokensieve.kernels import triton_ops  # noqa: E402
+
+# PyTorch ops that launch nothing: views, allocations, metadata
+NO_LAUNCH = {
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "unsqueeze", "squeeze", "transpose", "t", "expand", "slice",
+    "select", "split", "split_with_sizes", "chunk", "unbind", "alias", "as_strided", "permute", "detach", "lift_fresh",
+    "empty", "empty_like", "empty_strided", "expand_as", "view_as",
+}
+USERS = ("tokensieve.models.llama", "tokensieve.models.rope", "tokensieve.engine.kv_pool")
+
+
+class Launches(TorchDispatchMode):
+    """Counts PyTorch ops that launch a kernel, and Triton launches (the interpreter's own work not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+        self.in_triton = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        if not self.in_triton and name not in NO_LAUNCH and (name != "to" or out is not args[0]):
+            self.counts[name] += 1  # a `to` that changes nothing returns its input: no copy
+        return out
+
+    def triton_run(self, run):
+        def counted(kernel, *args, **kwargs):
+            self.counts[f"triton {kernel.fn.__name__}"] += 1
+            self.in_triton = True
+            try:
+                return run(kernel, *args, **kwargs)
+            finally:
+                self.in_triton = False
+        return counted
+
+
+def decode_step_launches(engine: LLMEngine, triton_layer_ops: bool) -> collections.Counter:
+    """Launches of one static decode step's forward of a fresh request."""
+    request = engine.add_request(list(range(100, 140)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    engine.step()  # the prefill
+    decoder = engine.runner.static_decoder
+    forward, counted = decoder._forward, Launches()
+
+    def counted_forward(inputs, width):
+        with counted:
+            return forward(inputs, width)
+
+    with ExitStack() as patches:
+        enter = patches.enter_context
+        enter(mock.patch.object(decoder, "_forward", counted_forward))
+        enter(mock.patch.object(InterpretedFunction, "run", counted.triton_run(InterpretedFunction.run)))
+        enter(mock.patch.object(static_inputs, "paged_decode_attention", paged_decode_attention_triton))
+        if triton_layer_ops:
+            for module in USERS:
+                enter(mock.patch(f"{module}.layer_ops", lambda kernels, x: triton_ops))
+        engine.step()
+    engine.abort(request)
+    return counted.counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=args.layers,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
+                                      max_position_embeddings=512, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = ours_from_hf(transformers.AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16))
+    engine = LLMEngine(model, EngineConfig(dtype="bfloat16", static_decode=True, kv_cache_bytes=32 * 1024**2),
+                       stand_in_tokenizer(1024))
+    print(f"kernel launches of one decode step, batch 1, {args.layers} layers, bfloat16 (static step, Triton decode "
+          "attention)")
+    for name, triton_layer_ops in (("PyTorch layer ops", False), ("Triton layer ops", True)):
+        counts = decode_step_launches(engine, triton_layer_ops)
+        total = sum(counts.values())
+        print(f"{name}: {total} launches, {total / args.layers:.1f} per layer")
+        print("   " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
+
+
+if __name__ == "__main__":
+    main()
