@@ -95,7 +95,7 @@ class StaticDecoder:
 
     def _forward(self, inputs: StepInputs, width: int) -> torch.Tensor:
         attention = StaticAttention(self.pool, self.tables.tables, inputs, width, self.window, self.scratch_slot)
-        return self.model(inputs.buffers["token_ids"], inputs.buffers["positions"], attention)
+        return self.model(inputs.buffers["token_ids"].view(-1), inputs.buffers["positions"].view(-1), attention)
 
     def _capture(self, inputs: StepInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (kernel compilation, cuBLAS workspaces), then record the forward.
@@ -122,49 +122,51 @@ class StaticDecoder:
             self._sent.record()
         return on_device
 
-    def _host_buffer(self, size: int) -> np.ndarray:
-        """The pinned host buffer (on CUDA), at least `size` long, once the last transfer has left it."""
+    def _host_buffer(self, size: int, keep: int = 0) -> np.ndarray:
+        """The pinned host buffer (on CUDA), at least `size` long, once the last transfer has left it; a
+        buffer grown keeps its first `keep` values."""
         if self._sent is not None:
             self._sent.synchronize()  # long done by now: the last step read its tokens back
+            self._sent = None
         if len(self._host) < size:
-            self._host = torch.empty(2 * size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-            self._host_array = self._host.numpy()
+            grown = torch.empty(2 * size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            grown[:keep] = self._host[:keep]
+            self._host, self._host_array = grown, grown.numpy()
         return self._host_array
 
     def _pack(self, chunks: list[ScheduledChunk], inputs: StepInputs) -> tuple[torch.Tensor, int, int]:
         """The step's inputs, padded to the bucket, as one int64 tensor: StepInputs' fields, then the changed
         table entries (flat indices into the device tables, then their block ids). Returns it, the number
         of changed entries and the table columns any sequence uses."""
-        batch, rows = inputs.batch, inputs.rows
-        token_ids = np.zeros((batch, rows), dtype=np.int64)
-        positions = np.zeros((batch, rows), dtype=np.int64)
-        block_rows = np.ones(batch, dtype=np.int64)
-        lengths = np.ones((self.num_layers, batch, self.num_kv_heads), dtype=np.int64)
-        visibility = np.ones((batch, rows, rows), dtype=bool)  # padding rows see everything: finite garbage
-        places = np.full(batch, self.tables.padding_place, dtype=np.int64)
+        size = inputs.packed_size
+        fields = inputs.split(self._host_buffer(size))
+        for name in ("token_ids", "positions"):
+            fields[name][:] = 0
+        fields["block_rows"][:], fields["lengths"][:] = 1, 1
+        if "visibility" in fields:
+            visibility = np.ones((inputs.batch, inputs.rows, inputs.rows), dtype=bool)  # padding rows see everything
+        places = fields["places"]
+        places[len(chunks) :] = self.tables.padding_place
         places[: len(chunks)] = self.tables.places([c.seq for c in chunks])
         indices, block_ids, width = [], [], 1
         for index, chunk in enumerate(chunks):
             seq, n, draft = chunk.seq, chunk.num_tokens, chunk.draft
-            token_ids[index, :n] = draft.tokens if draft is not None else seq.token_ids[seq.num_processed]
-            positions[index, :n] = seq.num_processed + (draft.offsets if draft is not None else 0)
-            block_rows[index] = n
+            fields["token_ids"][index, :n] = draft.tokens if draft is not None else seq.token_ids[seq.num_processed]
+            fields["positions"][index, :n] = seq.num_processed + (draft.offsets if draft is not None else 0)
+            fields["block_rows"][index] = n
             if draft is not None:
                 visibility[index, :n, :n] = draft.mask
             seq.block_table.claim(n)
-            lengths[:, index] = seq.block_table.lengths
+            fields["lengths"][:, index] = seq.block_table.lengths
             width = max(width, int(seq.block_table.num_blocks.max()))
             changed = self.tables.changes(seq, places[index])
             if changed is not None:
                 indices.append(changed[0]), block_ids.append(changed[1])
-        num_changes = sum(map(len, indices))
-        host = self._host_buffer(inputs.packed_size + 2 * num_changes)
-        fields = inputs.split(host)
-        fields["token_ids"][:], fields["positions"][:] = token_ids.ravel(), positions.ravel()
-        fields["places"][:], fields["block_rows"][:], fields["lengths"][:] = places, block_rows, lengths
-        if rows > 1:
+        if "visibility" in fields:
             fields["visibility"][:] = visibility_words(visibility)
+        num_changes = sum(map(len, indices))
         if num_changes:
-            host[inputs.packed_size : inputs.packed_size + num_changes] = np.concatenate(indices)
-            host[inputs.packed_size + num_changes : inputs.packed_size + 2 * num_changes] = np.concatenate(block_ids)
-        return self._host[: inputs.packed_size + 2 * num_changes], num_changes, width
+            host = self._host_buffer(size + 2 * num_changes, keep=size)
+            host[size : size + num_changes] = np.concatenate(indices)
+            host[size + num_changes : size + 2 * num_changes] = np.concatenate(block_ids)
+        return self._host[: size + 2 * num_changes], num_changes, width

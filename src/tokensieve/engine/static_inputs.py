@@ -35,24 +35,22 @@ def unpack_visibility(words: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class StepInputs:
+    """A bucket's buffers, all int64, as views of one flat device tensor: a step fills them with one copy."""
+
     def __init__(self, batch: int, rows: int, num_layers: int, num_kv_heads: int, device: torch.device):
         self.batch, self.rows = batch, rows
         self.shapes = {
-            "token_ids": (batch * rows,),
-            "positions": (batch * rows,),
+            "token_ids": (batch, rows),
+            "positions": (batch, rows),
             "places": (batch,),  # each sequence's place in the device block tables
             "block_rows": (batch,),  # its rows that are real (1 for plain decoding)
             "lengths": (num_layers, batch, num_kv_heads),  # entries after this step's
         }
         if rows > 1:
             self.shapes["visibility"] = (batch, rows, -(-rows // WORD_BITS))
-        narrow = {"block_rows", "lengths"}
-        self.buffers = {name: torch.zeros(shape, dtype=torch.int32 if name in narrow else torch.int64, device=device)
-                        for name, shape in self.shapes.items()}
-
-    @property
-    def packed_size(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes.values())
+        self.packed_size = sum(math.prod(shape) for shape in self.shapes.values())
+        self.packed = torch.zeros(self.packed_size, dtype=torch.int64, device=device)
+        self.buffers = self.split(self.packed)
 
     def split(self, flat):
         """The named fields of a packed step (numpy or torch), as views shaped like the buffers."""
@@ -64,8 +62,7 @@ class StepInputs:
         return fields
 
     def fill(self, packed: torch.Tensor) -> None:
-        for name, values in self.split(packed).items():
-            self.buffers[name].copy_(values)
+        self.packed.copy_(packed[: self.packed_size])
 
 
 class StaticAttention:
@@ -82,7 +79,7 @@ class StaticAttention:
         buffers = inputs.buffers
         self.visibility = unpack_visibility(buffers["visibility"], inputs.rows) if inputs.rows > 1 else None
         self.slots = self._slots(buffers["places"], buffers["lengths"], buffers["block_rows"], scratch_slot)
-        positions = buffers["positions"].view(1, -1, 1)
+        positions = buffers["positions"].reshape(1, -1, 1)
         pool.positions.view(-1)[self.slots] = positions.expand_as(self.slots)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -102,9 +99,9 @@ class StaticAttention:
         layers, batch, kv_heads = lengths.shape
         rows, block_size = self.inputs.rows, self.pool.block_size
         row = torch.arange(rows, device=lengths.device)
-        block_rows = block_rows.long().view(batch, 1, 1)
+        block_rows = block_rows.view(batch, 1, 1)
         real = row < block_rows  # [batch, 1, rows]
-        entry = torch.where(real, lengths.long().unsqueeze(-1) + row - block_rows, 0)  # [layers, batch, kv_heads, rows]
+        entry = torch.where(real, lengths.unsqueeze(-1) + row - block_rows, 0)  # [layers, batch, kv_heads, rows]
         layer_index = torch.arange(layers, device=lengths.device).view(-1, 1, 1, 1)
         head_index = torch.arange(kv_heads, device=lengths.device).view(1, 1, -1, 1)
         blocks = self.tables[layer_index, places.view(1, -1, 1, 1), head_index, entry // block_size].long()
