@@ -71,24 +71,27 @@ class SamplingRows:
     @classmethod
     def of(cls, params: list[SamplingParams], seen_token_ids: list[list[int]], seeds: list[int], vocab: int, device) -> SamplingRows:
         """Rows for requests with these settings, earlier tokens and seeds; each draws the token at
-        position len(seen_token_ids[row])."""
+        position len(seen_token_ids[row]). The settings reach the device in two transfers (one per dtype)."""
         penalised = [sorted(set(seen)) if p.repetition_penalty != 1.0 else [] for p, seen in zip(params, seen_token_ids)]
         width = max(map(len, penalised))
         top_k = [p.top_k if p.top_k and p.top_k < vocab and not p.greedy else vocab for p in params]
-
-        def tensor(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+        floats = torch.tensor([
+            [1.0 if p.greedy else p.temperature for p in params],
+            [p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+            [p.min_p for p in params],
+            [p.repetition_penalty for p in params],
+            [float(p.greedy) for p in params],
+        ], dtype=torch.float32).to(device, non_blocking=True)
+        seen = [row + [row[0] if row else 0] * (width - len(row)) for row in penalised]
+        integers = torch.tensor([
+            top_k,
+            [(seed + 2**63) % 2**64 - 2**63 for seed in seeds],  # any int, as int64
+            [len(seen) for seen in seen_token_ids],
+            *zip(*seen),  # [width, rows]
+        ], dtype=torch.int64).view(3 + width, len(params)).to(device, non_blocking=True)
         return cls(
-            greedy=tensor([p.greedy for p in params], torch.bool),
-            temperature=tensor([1.0 if p.greedy else p.temperature for p in params]),
-            top_k=tensor(top_k, torch.int64),
-            top_p=tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params]),
-            min_p=tensor([p.min_p for p in params]),
-            penalty=tensor([p.repetition_penalty for p in params]),
-            seen=tensor([row + [row[0] if row else 0] * (width - len(row)) for row in penalised], torch.int64),
-            seeds=tensor([(seed + 2**63) % 2**64 - 2**63 for seed in seeds], torch.int64),  # any int, as int64
-            positions=tensor([len(seen) for seen in seen_token_ids], torch.int64),
+            greedy=floats[4] > 0, temperature=floats[0], top_k=integers[0], top_p=floats[1], min_p=floats[2],
+            penalty=floats[3], seen=integers[3:].t(), seeds=integers[1], positions=integers[2],
             all_greedy=all(p.greedy for p in params),
             max_top_k=max((k for k in top_k if k < vocab), default=0),
             any_top_p=any(p.top_p < 1.0 and not p.greedy for p in params),
