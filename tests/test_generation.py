@@ -38,6 +38,25 @@ def test_decode_stream_gives_the_deltas_of_decoding_twice(llm):
     assert streamed.text == decoded.text and streamed.text.startswith(" Café ☕ costs 5€")
 
 
+def test_special_tokens_never_reach_the_decode_stream(llm):
+    """Each would be decoded again at every later step until some text came (none does under ignore_eos)."""
+    eos = llm.tokenizer.eos_token_id
+    detok = IncrementalDetokenizer(llm.tokenizer, llm.tokenizer("Hi").input_ids)
+    fed, stream = [], detok._stream
+
+    class Recording:
+        def step(self, tokenizer, token):
+            fed.append(token)
+            return stream.step(tokenizer, token)
+
+    detok._stream = Recording()
+    ids = list(llm.tokenizer("Hi").input_ids)
+    for token in [eos] * 50 + llm.tokenizer(" there").input_ids:
+        ids.append(token)
+        detok.step(ids)
+    assert detok.text == " there" and eos not in fed
+
+
 def test_stream_deltas_add_up_to_the_final_text(llm):
     params = SamplingParams(max_tokens=30, temperature=0)
     deltas, final = [], None

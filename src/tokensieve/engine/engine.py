@@ -359,7 +359,7 @@ class LLMEngine:
             prompt_token_ids=seq.prompt_token_ids,
             text=text.text,
             delta_text=text.take_delta(seq.is_finished),
-            token_ids=list(seq.output_token_ids),
+            token_ids=seq.output_token_ids,  # a fresh list: the slice copies
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             metrics=RequestMetrics(
