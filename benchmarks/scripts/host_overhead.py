@@ -4,6 +4,11 @@ enough that its forward is cheap. On a GPU this is what bounds decoding once the
 replay: the host work of a step does not overlap the device's.
 
     PYTHONPATH=src .venv/bin/python benchmarks/scripts/host_overhead.py --batches 1 32
+    PYTHONPATH=src .venv/bin/python benchmarks/scripts/host_overhead.py --batches 1 32 --no-forward
+
+`--no-forward` takes the forward off the CPU, as a GPU does: decode steps return ready logits (whose
+best token is an ordinary one, as a text's would be), so the step is the host's work alone, without
+the forward's matmuls evicting the host's data from the CPU's caches between steps.
 """
 
 import argparse
@@ -30,6 +35,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--no-forward", action="store_true", help="decode steps return ready logits")
     args = parser.parse_args()
     torch.set_num_threads(2)
     shape = build_shape(args.shape, torch.float32, args.device)
@@ -37,11 +43,16 @@ def main() -> None:
     engine = LLMEngine(shape.ours, config, shape.tokenizer)
     seconds: dict[str, float] = {}
     decoder = engine.runner.static_decoder
+    if args.no_forward:
+        ready = torch.zeros(max(args.batches), shape.ours.config.vocab_size)
+        ready[:, shape.tokenizer.encode(" the", add_special_tokens=False)[0]] = 1.0
+        decoder._forward = lambda inputs, width: ready[: inputs.batch * inputs.rows]
     for label, (owner, name) in zip(LABELS, [(engine.scheduler, "schedule"), (decoder, "forward"), (decoder, "_pack"),
                                              (engine_module, "sample_tokens"), (engine, "_append_tokens"),
                                              (engine.scheduler, "cache_computed")]):
         setattr(owner, name, timed(seconds, label, getattr(owner, name)))
-    print(f"{args.shape} shape on {args.device}, static decode, context {args.context}; ms per step")
+    forward = "no forward (ready logits)" if args.no_forward else "static decode"
+    print(f"{args.shape} shape on {args.device}, {forward}, context {args.context}; ms per step")
     for batch in args.batches:
         generator = torch.Generator().manual_seed(batch)
         params = SamplingParams(max_tokens=args.steps + 10, temperature=0, ignore_eos=True)
