@@ -82,12 +82,12 @@ class SamplingRows:
             [p.repetition_penalty for p in params],
             [float(p.greedy) for p in params],
         ], dtype=torch.float32).to(device, non_blocking=True)
-        seen = [row + [row[0] if row else 0] * (width - len(row)) for row in penalised]
+        padded = [row + [row[0] if row else 0] * (width - len(row)) for row in penalised]
         integers = torch.tensor([
             top_k,
             [(seed + 2**63) % 2**64 - 2**63 for seed in seeds],  # any int, as int64
             [len(seen) for seen in seen_token_ids],
-            *zip(*seen),  # [width, rows]
+            *zip(*padded),  # [width, rows]
         ], dtype=torch.int64).view(3 + width, len(params)).to(device, non_blocking=True)
         return cls(
             greedy=floats[4] > 0, temperature=floats[0], top_k=integers[0], top_p=floats[1], min_p=floats[2],

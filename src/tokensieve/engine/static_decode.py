@@ -143,8 +143,7 @@ class StaticDecoder:
         for name in ("token_ids", "positions"):
             fields[name][:] = 0
         fields["block_rows"][:], fields["lengths"][:] = 1, 1
-        if "visibility" in fields:
-            visibility = np.ones((inputs.batch, inputs.rows, inputs.rows), dtype=bool)  # padding rows see everything
+        visibility = np.ones((inputs.batch, inputs.rows, inputs.rows), dtype=bool)  # padding rows see everything
         places = fields["places"]
         places[len(chunks) :] = self.tables.padding_place
         places[: len(chunks)] = self.tables.places([c.seq for c in chunks])
