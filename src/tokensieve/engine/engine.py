@@ -251,8 +251,10 @@ class LLMEngine:
                 sampled_seqs.append(seq)
                 sampled_rows.append(rows.stop - 1)
         if sampled_seqs:
-            # each sampled row once (plain decoding samples every row: then no copy at all)
-            sampled_logits = logits if sampled_rows == list(range(len(logits))) else logits[sampled_rows]
+            # each sampled row once; plain decoding samples the first rows (the static step's bucket pads
+            # after them): then a view, with no copy and no index to send to the device
+            first_rows = sampled_rows == list(range(len(sampled_rows)))
+            sampled_logits = logits[: len(sampled_rows)] if first_rows else logits[sampled_rows]
             tokens = sample_tokens(sampled_logits, sampled_seqs, self.kernels)
             self._record_logprobs(sampled_logits, sampled_seqs, tokens)
             outputs += [self._append_tokens(seq, [token]) for seq, token in zip(sampled_seqs, tokens)]
