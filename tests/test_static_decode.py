@@ -3,7 +3,7 @@ path, padding to a bucket changes nothing, no host sync inside the step, no leak
 
 import pytest
 import torch
-from conftest import assert_pool_empty, no_host_sync
+from conftest import assert_pool_empty, no_host_sync, triton_module
 
 from tokensieve import SamplingParams
 from tokensieve.config import EngineConfig, KVPolicyConfig, SpeculativeConfig
@@ -109,3 +109,43 @@ def test_gpu_defaults_differ_where_a_gpu_differs():
     """Prefill chunks: 512 on a CPU, 2048 on a GPU (an eager forward's launches outweigh its arithmetic there)."""
     assert EngineConfig().prefill_chunk_size == 512 and EngineConfig(device="cuda").prefill_chunk_size == 2048
     assert EngineConfig(device="cuda", prefill_chunk_size=256).prefill_chunk_size == 256
+
+
+def test_the_triton_kernels_wired_into_the_static_step_give_the_eager_path_tokens(monkeypatch):
+    """What CUDA runs, on the CPU: the static step with the Triton layer ops and decode attention (through
+    Triton's interpreter) on a tiny random Qwen3 (q/k norms; weights large enough that attention decides
+    tokens), plain decoding beside speculation (draft trees verified by the tree kernel), against the eager
+    path's greedy tokens."""
+    from test_tiny_architectures import build
+    from transformers import AutoModelForCausalLM
+
+    from tokensieve.bench.model_shapes import ours_from_hf, vocabulary_tokenizer
+    from tokensieve.engine import static_inputs
+    from tokensieve.engine.engine import LLMEngine
+
+    torch.manual_seed(0)
+    model = ours_from_hf(AutoModelForCausalLM.from_config(build("qwen3")).eval())
+    tokenizer, _ = vocabulary_tokenizer()
+    prompts = [list(range(300, 304)) * 3, list(range(1000, 1006)), [2000, 2001]]  # the first gives lookup drafts
+    # the second ends first: the third then decodes at batch index 1 from place 2 of the device tables
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (6, 2, 6)]
+
+    def tokens(**options):
+        config = EngineConfig(native_kernels=False, kv_cache_bytes=16 * 1024**2, block_size=4, **options)
+        engine = LLMEngine(model, config, tokenizer)
+        ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params)]
+        finals = {}
+        while len(finals) < len(ids):
+            finals |= {out.request_id: out.token_ids for out in engine.step() if out.finished}
+        return engine, [finals[request_id] for request_id in ids]
+
+    _, eager = tokens(static_decode=False)
+    with triton_module("tokensieve.kernels.triton_ops") as (ops, _), triton_module("tokensieve.engine.triton_decode") as (decode, _):
+        for user in ("tokensieve.models.llama", "tokensieve.models.rope", "tokensieve.engine.kv_pool"):
+            monkeypatch.setattr(f"{user}.layer_ops", lambda kernels, x: ops)
+        monkeypatch.setattr(static_inputs, "paged_decode_attention", decode.paged_decode_attention_triton)
+        _, static = tokens(static_decode=True)
+        spec_engine, speculative = tokens(static_decode=True, speculative=SpeculativeConfig(max_nodes=8, tune=False))
+    assert static == eager and speculative == eager
+    assert spec_engine.counts["spec_accepted_tokens"] > 0
+    assert any(rows > 1 for _, rows in spec_engine.runner.static_decoder.inputs)

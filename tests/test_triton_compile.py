@@ -63,27 +63,33 @@ def assert_no_spills(usage: str) -> None:
     assert "STACK:0 " in usage and "LOCAL:0 " in usage, usage
 
 
-# (model dtype, head_dim, group, rows, tables read through places): Llama-3.2-1B decoding and verifying a
-# 128-row block in bfloat16, an 8B's head_dim, the float32 of the correctness checks, a table per sequence
-ATTENTION_CASES = [(torch.bfloat16, 64, 4, 1, True), (torch.bfloat16, 128, 4, 1, True), (torch.bfloat16, 64, 4, 128, True),
-                   (torch.bfloat16, 128, 4, 128, True), (torch.float32, 64, 4, 17, True), (torch.float16, 64, 1, 1, False)]
+# (model dtype, head_dim, group, rows, tables read through places, one split): Llama-3.2-1B decoding and
+# verifying a 128-row block in bfloat16, an 8B's head_dim, the float32 of the correctness checks, a table per
+# sequence, a batch that needs no split
+ATTENTION_CASES = [(torch.bfloat16, 64, 4, 1, True, False), (torch.bfloat16, 128, 4, 1, True, False),
+                   (torch.bfloat16, 64, 4, 128, True, False), (torch.bfloat16, 128, 4, 128, True, False),
+                   (torch.float32, 64, 4, 17, True, False), (torch.float16, 64, 1, 1, False, False),
+                   (torch.bfloat16, 64, 4, 1, True, True)]
 
 
-@pytest.mark.parametrize("dtype, head_dim, group, rows, places", ATTENTION_CASES)
-def test_the_decode_attention_kernels_compile_without_spills(modules, dtype, head_dim, group, rows, places):
+@pytest.mark.parametrize("dtype, head_dim, group, rows, places, one_split", ATTENTION_CASES)
+def test_the_decode_attention_kernels_compile_without_spills(modules, dtype, head_dim, group, rows, places, one_split):
     decode = modules[0]
     tree, tile_rows = rows > 1, decode.tile_rows_for(rows, group)
     pointers = dict(q_ptr=dtype, keys_ptr=dtype, values_ptr=dtype, tables_ptr=torch.int32,
                     places_ptr=torch.int64 if places else None,
                     lengths_ptr=torch.int32, visibility_ptr=torch.uint8 if tree else None,
-                    block_rows_ptr=torch.int32 if tree else None, partial_ptr=torch.float32, lse_ptr=torch.float32)
+                    block_rows_ptr=torch.int32 if tree else None, partial_ptr=None if one_split else torch.float32,
+                    lse_ptr=None if one_split else torch.float32, out_ptr=dtype)
     dim_pad = max(16, triton.next_power_of_2(head_dim))
     constants = dict(ROWS=rows, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=16, TILE_ROWS=tile_rows,
-                     ROW_TILES=-(-rows * group // tile_rows), DIM_PAD=dim_pad, BLOCK_PAD=16, TREE=tree, PLACES=places)
+                     ROW_TILES=-(-rows * group // tile_rows), DIM_PAD=dim_pad, BLOCK_PAD=16, TREE=tree, PLACES=places,
+                     ONE_SPLIT=one_split)
     assert_no_spills(resource_usage(decode._split_kernel, pointers, constants, decode.warps_for(tile_rows)))
-    combine = dict(partial_ptr=torch.float32, lse_ptr=torch.float32, out_ptr=dtype)
-    assert_no_spills(resource_usage(decode._combine_kernel, combine,
-                                    dict(ROWS=rows, HEAD_DIM=head_dim, SPLITS_PAD=64, DIM_PAD=dim_pad)))
+    if not one_split:
+        combine = dict(partial_ptr=torch.float32, lse_ptr=torch.float32, out_ptr=dtype)
+        assert_no_spills(resource_usage(decode._combine_kernel, combine,
+                                        dict(ROWS=rows, HEAD_DIM=head_dim, SPLITS_PAD=64, DIM_PAD=dim_pad)))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

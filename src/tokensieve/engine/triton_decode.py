@@ -3,7 +3,8 @@
 Each program takes one (sequence, KV head, split, row tile): a tile of that KV head's query rows (its
 group's heads, times the tree rows when verifying draft trees) against one range of its blocks, with an
 online softmax, in float32. It writes the range's normalised output and log-sum-exp to scratch; a second
-kernel weighs the splits of each (tree row, query head) together. The ranges are computed on the device
+kernel weighs the splits of each (tree row, query head) together. With one split (a batch that fills
+the GPU by itself) the first kernel writes the output and the second is not launched. The ranges are computed on the device
 from the length, so the launch depends only on shapes (CUDA-graph safe).
 
 Run on CPU tensors with TRITON_INTERPRET=1 set before this module is imported (the tests do).
@@ -27,7 +28,7 @@ MAX_TILE_ROWS = 64
 @triton.jit
 def _split_kernel(
     q_ptr, keys_ptr, values_ptr, tables_ptr, places_ptr, lengths_ptr, visibility_ptr, block_rows_ptr, partial_ptr, lse_ptr,
-    stride_qs, stride_qr, stride_qh, stride_qd,
+    out_ptr, stride_qs, stride_qr, stride_qh, stride_qd, stride_os, stride_or, stride_oh, stride_od,
     stride_kb, stride_kd, stride_ke,
     stride_vb, stride_ve, stride_vd,
     stride_ts, stride_th, stride_tb,
@@ -36,7 +37,7 @@ def _split_kernel(
     scale, window, num_splits,
     ROWS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     TILE_ROWS: tl.constexpr, ROW_TILES: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK_PAD: tl.constexpr,
-    TREE: tl.constexpr, PLACES: tl.constexpr,
+    TREE: tl.constexpr, PLACES: tl.constexpr, ONE_SPLIT: tl.constexpr,
 ):
     seq, kv_head = tl.program_id(0), tl.program_id(1)
     split, row_tile = tl.program_id(2) // ROW_TILES, tl.program_id(2) % ROW_TILES
@@ -96,10 +97,15 @@ def _split_kernel(
 
     has_entries = running_sum > 0  # a split left without blocks contributes nothing
     output = acc / tl.where(has_entries, running_sum, 1.0)[:, None]
-    lse = tl.where(has_entries, running_max + tl.log(tl.where(has_entries, running_sum, 1.0)), float("-inf"))
-    scratch_row = ((seq * ROWS + tree_rows) * (tl.num_programs(1) * GROUP) + heads) * num_splits + split
-    tl.store(partial_ptr + scratch_row[:, None] * HEAD_DIM + dims[None, :], output, mask=row_ok[:, None] & dim_ok[None, :])
-    tl.store(lse_ptr + scratch_row, lse, mask=row_ok)
+    if ONE_SPLIT:  # the split is the whole softmax: write the output, no combine
+        tl.store(out_ptr + seq * stride_os + tree_rows[:, None] * stride_or + heads[:, None] * stride_oh
+                 + dims[None, :] * stride_od, output.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    else:
+        lse = tl.where(has_entries, running_max + tl.log(tl.where(has_entries, running_sum, 1.0)), float("-inf"))
+        scratch_row = ((seq * ROWS + tree_rows) * (tl.num_programs(1) * GROUP) + heads) * num_splits + split
+        tl.store(partial_ptr + scratch_row[:, None] * HEAD_DIM + dims[None, :], output,
+                 mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(lse_ptr + scratch_row, lse, mask=row_ok)
 
 
 @triton.jit
@@ -165,19 +171,22 @@ def paged_decode_attention_triton(
         num_splits = (
             choose_num_splits(seqs, kv_heads, max_blocks, _multiprocessor_count(q.device), row_tiles) if q.is_cuda else 1
         )
-    partial = torch.empty(seqs, rows, heads, num_splits, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(seqs, rows, heads, num_splits, dtype=torch.float32, device=q.device)
+    one_split = num_splits == 1
+    partial = None if one_split else torch.empty(seqs, rows, heads, num_splits, dim, dtype=torch.float32, device=q.device)
+    lse = None if one_split else torch.empty(seqs, rows, heads, num_splits, dtype=torch.float32, device=q.device)
     visibility = block_visibility.view(torch.uint8) if tree else None
     tree_strides = (*visibility.stride(), block_rows.stride(0)) if tree else (0, 0, 0, 0)
     dim_pad = max(16, triton.next_power_of_2(dim))
     _split_kernel[(seqs, kv_heads, num_splits * row_tiles)](
-        rows_q, keys, values, block_tables, places, lengths, visibility, block_rows, partial, lse,
-        *rows_q.stride(), *keys.stride(), *values.stride(), *block_tables.stride(), *lengths.stride(), *tree_strides,
+        rows_q, keys, values, block_tables, places, lengths, visibility, block_rows, partial, lse, rows_out,
+        *rows_q.stride(), *rows_out.stride(), *keys.stride(), *values.stride(), *block_tables.stride(), *lengths.stride(), *tree_strides,
         scale, window, num_splits,
         ROWS=rows, GROUP=group, HEAD_DIM=dim, BLOCK_SIZE=block_size, TILE_ROWS=tile_rows, ROW_TILES=row_tiles,
         DIM_PAD=dim_pad, BLOCK_PAD=max(16, triton.next_power_of_2(block_size)), TREE=tree, PLACES=places is not None,
-        num_warps=warps_for(tile_rows),
+        ONE_SPLIT=one_split, num_warps=warps_for(tile_rows),
     )
+    if one_split:
+        return out
     _combine_kernel[(seqs * rows, heads)](
         partial, lse, rows_out, *rows_out.stride(), num_splits,
         ROWS=rows, HEAD_DIM=dim, SPLITS_PAD=triton.next_power_of_2(num_splits), DIM_PAD=dim_pad,
