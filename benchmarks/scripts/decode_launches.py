@@ -18,6 +18,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when @triton.jit decorates: before 
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
+import functools  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
 from unittest import mock  # noqa: E402
 
@@ -83,7 +84,9 @@ def decode_step_launches(engine: LLMEngine, triton_layer_ops: bool) -> collectio
         enter = patches.enter_context
         enter(mock.patch.object(decoder, "_forward", counted_forward))
         enter(mock.patch.object(InterpretedFunction, "run", counted.triton_run(InterpretedFunction.run)))
-        enter(mock.patch.object(static_inputs, "paged_decode_attention", paged_decode_attention_triton))
+        # split-K as at batch 1 on a GPU (the interpreter would take one split, which skips the combine)
+        attention = functools.partial(paged_decode_attention_triton, num_splits=2)
+        enter(mock.patch.object(static_inputs, "paged_decode_attention", attention))
         if triton_layer_ops:
             for module in USERS:
                 enter(mock.patch(f"{module}.layer_ops", lambda kernels, x: triton_ops))
