@@ -79,7 +79,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_batched_tokens
+        budget, num_preempted = self.max_batched_tokens, 0
         decoding = [s for s in self.running if s.num_unprocessed == 1]
         prefilling = [s for s in self.running if s.num_unprocessed > 1]
         for seq in decoding + prefilling:
@@ -93,7 +93,9 @@ class Scheduler:
                 continue
             self.block_manager.reserve(seq.block_table, num_tokens)
             out.chunks.append(ScheduledChunk(seq, num_tokens, draft))
-            budget = self.max_batched_tokens - sum(c.num_tokens for c in out.chunks)  # a victim's chunk gave its tokens back
+            budget -= num_tokens
+            if len(out.preempted) > num_preempted:  # victims' chunks gave their tokens back
+                budget, num_preempted = self.max_batched_tokens - sum(c.num_tokens for c in out.chunks), len(out.preempted)
         if not out.preempted:
             self._admit_waiting(budget, out)
         return out

@@ -157,7 +157,8 @@ class StaticDecoder:
                 visibility[index, :n, :n] = draft.mask
             seq.block_table.claim(n)
             fields["lengths"][:, index] = seq.block_table.lengths
-            width = max(width, int(seq.block_table.num_blocks.max()))
+            if not self.uses_graphs:  # a graph reads every column
+                width = max(width, int(seq.block_table.num_blocks.max()))
             changed = self.tables.changes(seq, places[index])
             if changed is not None:
                 indices.append(changed[0]), block_ids.append(changed[1])
