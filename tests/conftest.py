@@ -76,13 +76,14 @@ def no_host_sync():
 
 
 @contextmanager
-def triton_module(name: str):
-    """(the module `name` of Triton kernels, the device to test it on): real launches on CUDA; elsewhere its
-    kernels decorated for Triton's interpreter (TRITON_INTERPRET is read when @triton.jit runs), decorated
-    afresh afterwards."""
+def triton_modules(*names: str):
+    """(the modules `names` of Triton kernels, the device to test them on): real launches on CUDA; elsewhere
+    their kernels decorated for Triton's interpreter (TRITON_INTERPRET is read when @triton.jit runs), and
+    decorated afresh afterwards (all together: one module reloaded while another still had it set would
+    stay interpreted)."""
     if torch.cuda.is_available():
         pytest.importorskip("triton")
-        yield importlib.import_module(name), torch.device("cuda")
+        yield [importlib.import_module(name) for name in names], torch.device("cuda")
         return
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRITON_INTERPRET", "1")
@@ -97,6 +98,7 @@ def triton_module(name: str):
                 return InterpretedFunction(self.fn)(*args, **kwargs)
 
             patch.setattr(JITFunction, "__call__", interpreted_call)
-        module = importlib.reload(importlib.import_module(name))
-        yield module, torch.device("cpu")
-    importlib.reload(module)
+        modules = [importlib.reload(importlib.import_module(name)) for name in names]
+        yield modules, torch.device("cpu")
+    for module in modules:
+        importlib.reload(module)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import no_host_sync, triton_module
+from conftest import no_host_sync, triton_modules
 
 from tokensieve.engine.paged_decode import paged_decode_attention, paged_decode_attention_torch
 
@@ -108,9 +108,9 @@ def test_the_torch_version_makes_no_host_sync(window):
 
 @pytest.fixture(scope="module")
 def triton_decode():
-    """(tokensieve.engine.triton_decode, the device to test it on): see conftest.triton_module."""
-    with triton_module("tokensieve.engine.triton_decode") as module_and_device:
-        yield module_and_device
+    """(tokensieve.engine.triton_decode, the device to test it on): see conftest.triton_modules."""
+    with triton_modules("tokensieve.engine.triton_decode") as ((module,), device):
+        yield module, device
 
 
 @pytest.mark.parametrize(

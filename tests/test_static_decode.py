@@ -3,7 +3,7 @@ path, padding to a bucket changes nothing, no host sync inside the step, no leak
 
 import pytest
 import torch
-from conftest import assert_pool_empty, no_host_sync, triton_module
+from conftest import assert_pool_empty, no_host_sync, triton_modules
 
 from tokensieve import SamplingParams
 from tokensieve.config import EngineConfig, KVPolicyConfig, SpeculativeConfig
@@ -140,7 +140,7 @@ def test_the_triton_kernels_wired_into_the_static_step_give_the_eager_path_token
         return engine, [finals[request_id] for request_id in ids]
 
     _, eager = tokens(static_decode=False)
-    with triton_module("tokensieve.kernels.triton_ops") as (ops, _), triton_module("tokensieve.engine.triton_decode") as (decode, _):
+    with triton_modules("tokensieve.kernels.triton_ops", "tokensieve.engine.triton_decode") as ((ops, decode), _):
         for user in ("tokensieve.models.llama", "tokensieve.models.rope", "tokensieve.engine.kv_pool"):
             monkeypatch.setattr(f"{user}.layer_ops", lambda kernels, x: ops)
         monkeypatch.setattr(static_inputs, "paged_decode_attention", decode.paged_decode_attention_triton)

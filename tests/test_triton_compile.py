@@ -5,6 +5,7 @@ check. Triton compiles ahead of time here with its own LLVM and ptxas; no GPU is
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -24,12 +25,14 @@ FLOATS = {"scale", "eps"}
 
 @pytest.fixture(scope="module")
 def modules():
-    """The kernel modules, decorated for compiling (a test module before may have reloaded them for the
-    interpreter and back)."""
+    """The kernel modules, decorated for compiling (tests before may have reloaded them for the interpreter
+    and back: conftest.triton_modules)."""
+    if os.environ.get("TRITON_INTERPRET"):
+        pytest.skip("TRITON_INTERPRET is set: the kernels are decorated for the interpreter")
     names = ("tokensieve.engine.triton_decode", "tokensieve.kernels.triton_ops")
     modules = [importlib.import_module(name) for name in names]
-    if not isinstance(modules[0]._split_kernel, triton.runtime.jit.JITFunction):
-        pytest.skip("TRITON_INTERPRET is set: the kernels are decorated for the interpreter")
+    for module, kernel in zip(modules, ("_split_kernel", "_rms_norm_kernel")):
+        assert isinstance(getattr(module, kernel), triton.runtime.jit.JITFunction), f"{module.__name__} left interpreted"
     return modules
 
 

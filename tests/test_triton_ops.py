@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import triton_module
+from conftest import triton_modules
 
 from tokensieve.engine.kv_pool import KVPool
 from tokensieve.models.llama import RMSNorm
@@ -17,8 +17,8 @@ from tokensieve.models.rope import RotaryEmbedding, apply_rotary
 
 @pytest.fixture(scope="module")
 def triton_ops():
-    with triton_module("tokensieve.kernels.triton_ops") as module_and_device:
-        yield module_and_device
+    with triton_modules("tokensieve.kernels.triton_ops") as ((module,), device):
+        yield module, device
 
 
 HALF = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,13 +1,14 @@
-"""How many kernels one static decode step launches on a GPU, counted on the CPU.
+"""How many kernels a request's steps launch on a GPU, counted on the CPU.
 
 A model with the Llama-3.2-1B's layer count and head grouping (16 layers, 4 query heads per KV head;
-narrow, random weights in bfloat16: the count does not depend on width) decodes one token through the static
-step twice: with the layer ops (RMSNorm, rotary, SwiGLU's silu * up, the KV store) as the PyTorch ops
-they were on CUDA before kernels/triton_ops.py, and with those Triton kernels. Both use the Triton
-decode attention. Triton runs through its interpreter; every PyTorch op that launches a kernel is
-counted (views and allocations are not), and every Triton launch. Inside a CUDA graph each launch
-still costs the GPU a few microseconds, which at batch 1 is what stands between a small model and its
-bandwidth limit (METHODS.md section 5).
+narrow, random weights in bfloat16: the count does not depend on width) prefills one prompt (an eager
+forward) and decodes one token through the static step, twice: with the layer ops (RMSNorm, rotary,
+SwiGLU's silu * up, the KV store) as the PyTorch ops they were on CUDA before kernels/triton_ops.py, and
+with those Triton kernels. Both use the Triton decode attention. Triton runs through its interpreter;
+every PyTorch op that launches a kernel is counted (views and allocations are not; nor are the prefill's
+copies of its inputs to the device, which the CPU does not make), and every Triton launch. Inside a CUDA
+graph each launch still costs the GPU a few microseconds, which at batch 1 is what stands between a small
+model and its bandwidth limit (METHODS.md section 5).
 
     PYTHONPATH=src .venv/bin/python benchmarks/scripts/decode_launches.py
 """
@@ -44,12 +45,23 @@ USERS = ("tokensieve.models.llama", "tokensieve.models.rope", "tokensieve.engine
 
 
 class Launches(TorchDispatchMode):
-    """Counts PyTorch ops that launch a kernel, and Triton launches (the interpreter's own work not counted)."""
+    """Counts PyTorch ops that launch a kernel, and Triton launches (the interpreter's own work not counted),
+    while entered."""
+
+    active = None  # the counter Triton launches go to
 
     def __init__(self):
         super().__init__()
         self.counts = collections.Counter()
         self.in_triton = False
+
+    def __enter__(self):
+        Launches.active = self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        Launches.active = None
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -58,64 +70,76 @@ class Launches(TorchDispatchMode):
             self.counts[name] += 1  # a `to` that changes nothing returns its input: no copy
         return out
 
-    def triton_run(self, run):
+    @staticmethod
+    def counting(run):
+        """InterpretedFunction.run, counted by the active counter."""
         def counted(kernel, *args, **kwargs):
-            self.counts[f"triton {kernel.fn.__name__}"] += 1
-            self.in_triton = True
+            counter = Launches.active
+            if counter is None:
+                return run(kernel, *args, **kwargs)
+            counter.counts[f"triton {kernel.fn.__name__}"] += 1
+            counter.in_triton = True
             try:
                 return run(kernel, *args, **kwargs)
             finally:
-                self.in_triton = False
+                counter.in_triton = False
         return counted
 
 
-def decode_step_launches(engine: LLMEngine, triton_layer_ops: bool) -> collections.Counter:
-    """Launches of one static decode step's forward of a fresh request."""
-    request = engine.add_request(list(range(100, 140)), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    engine.step()  # the prefill
-    decoder = engine.runner.static_decoder
-    forward, counted = decoder._forward, Launches()
+def counted(counter: Launches, function):
+    def wrapper(*args, **kwargs):
+        with counter:
+            return function(*args, **kwargs)
+    return wrapper
 
-    def counted_forward(inputs, width):
-        with counted:
-            return forward(inputs, width)
 
+def step_launches(engine: LLMEngine, triton_layer_ops: bool, prompt_length: int) -> tuple[collections.Counter, ...]:
+    """Launches of a fresh request's prefill (one eager forward of the prompt) and of the forward of its first
+    static decode step."""
+    request = engine.add_request(list(range(1, prompt_length + 1)), SamplingParams(max_tokens=8, temperature=0,
+                                                                                  ignore_eos=True))
+    decoder, prefill, decode = engine.runner.static_decoder, Launches(), Launches()
     with ExitStack() as patches:
         enter = patches.enter_context
-        enter(mock.patch.object(decoder, "_forward", counted_forward))
-        enter(mock.patch.object(InterpretedFunction, "run", counted.triton_run(InterpretedFunction.run)))
+        enter(mock.patch.object(InterpretedFunction, "run", Launches.counting(InterpretedFunction.run)))
         # split-K as at batch 1 on a GPU (the interpreter would take one split, which skips the combine)
         attention = functools.partial(paged_decode_attention_triton, num_splits=2)
         enter(mock.patch.object(static_inputs, "paged_decode_attention", attention))
         if triton_layer_ops:
             for module in USERS:
                 enter(mock.patch(f"{module}.layer_ops", lambda kernels, x: triton_ops))
-        engine.step()
+        with mock.patch.object(engine.runner, "run", counted(prefill, engine.runner.run)):
+            engine.step()
+        with mock.patch.object(decoder, "_forward", counted(decode, decoder._forward)):
+            engine.step()
     engine.abort(request)
-    return counted.counts
+    return prefill.counts, decode.counts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens, prefilled in one chunk")
     args = parser.parse_args()
     torch.set_num_threads(2)
     import transformers
 
     config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=args.layers,
                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
-                                      max_position_embeddings=512, tie_word_embeddings=True)
+                                      max_position_embeddings=4096, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = ours_from_hf(transformers.AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16))
-    engine = LLMEngine(model, EngineConfig(dtype="bfloat16", static_decode=True, kv_cache_bytes=32 * 1024**2),
+    config = EngineConfig(dtype="bfloat16", static_decode=True, kv_cache_bytes=64 * 1024**2, prefix_caching=False,
+                          prefill_chunk_size=max(512, args.prompt))
+    engine = LLMEngine(model, config,
                        stand_in_tokenizer(1024))
-    print(f"kernel launches of one decode step, batch 1, {args.layers} layers, bfloat16 (static step, Triton decode "
-          "attention)")
+    print(f"kernel launches, one request, {args.layers} layers, bfloat16: its prefill of {args.prompt} tokens (eager) "
+          "and a decode step (static step, Triton decode attention)")
     for name, triton_layer_ops in (("PyTorch layer ops", False), ("Triton layer ops", True)):
-        counts = decode_step_launches(engine, triton_layer_ops)
-        total = sum(counts.values())
-        print(f"{name}: {total} launches, {total / args.layers:.1f} per layer")
-        print("   " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
+        for step, counts in zip(("prefill", "decode"), step_launches(engine, triton_layer_ops, args.prompt)):
+            total = sum(counts.values())
+            print(f"{name}, {step}: {total} launches, {total / args.layers:.1f} per layer")
+            print("   " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))
 
 
 if __name__ == "__main__":
