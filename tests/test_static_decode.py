@@ -122,6 +122,7 @@ def test_the_triton_kernels_wired_into_the_static_step_give_the_eager_path_token
     from tokensieve.bench.model_shapes import ours_from_hf, vocabulary_tokenizer
     from tokensieve.engine import static_inputs
     from tokensieve.engine.engine import LLMEngine
+    from tokensieve.kernels import chosen_layer_ops
 
     torch.manual_seed(0)
     model = ours_from_hf(AutoModelForCausalLM.from_config(build("qwen3")).eval())
@@ -140,9 +141,8 @@ def test_the_triton_kernels_wired_into_the_static_step_give_the_eager_path_token
         return engine, [finals[request_id] for request_id in ids]
 
     _, eager = tokens(static_decode=False)
-    with triton_modules("tokensieve.kernels.triton_ops", "tokensieve.engine.triton_decode") as ((ops, decode), _):
-        for user in ("tokensieve.models.llama", "tokensieve.models.rope", "tokensieve.engine.kv_pool"):
-            monkeypatch.setattr(f"{user}.layer_ops", lambda kernels, x: ops)
+    with triton_modules("tokensieve.kernels.triton_ops", "tokensieve.engine.triton_decode") as ((ops, decode), _), \
+            chosen_layer_ops(ops):
         monkeypatch.setattr(static_inputs, "paged_decode_attention", decode.paged_decode_attention_triton)
         _, static = tokens(static_decode=True)
         spec_engine, speculative = tokens(static_decode=True, speculative=SpeculativeConfig(max_nodes=8, tune=False))

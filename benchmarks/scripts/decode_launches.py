@@ -33,7 +33,7 @@ from tokensieve.config import EngineConfig  # noqa: E402
 from tokensieve.engine import static_inputs  # noqa: E402
 from tokensieve.engine.engine import LLMEngine  # noqa: E402
 from tokensieve.engine.triton_decode import paged_decode_attention_triton  # noqa: E402
-from tokensieve.kernels import triton_ops  # noqa: E402
+from tokensieve.kernels import chosen_layer_ops, triton_ops  # noqa: E402
 
 # PyTorch ops that launch nothing: views, allocations, metadata
 NO_LAUNCH = {
@@ -41,7 +41,6 @@ NO_LAUNCH = {
     "select", "split", "split_with_sizes", "chunk", "unbind", "alias", "as_strided", "permute", "detach", "lift_fresh",
     "empty", "empty_like", "empty_strided", "expand_as", "view_as",
 }
-USERS = ("tokensieve.models.llama", "tokensieve.models.rope", "tokensieve.engine.kv_pool")
 
 
 class Launches(TorchDispatchMode):
@@ -106,8 +105,7 @@ def step_launches(engine: LLMEngine, triton_layer_ops: bool, prompt_length: int)
         attention = functools.partial(paged_decode_attention_triton, num_splits=2)
         enter(mock.patch.object(static_inputs, "paged_decode_attention", attention))
         if triton_layer_ops:
-            for module in USERS:
-                enter(mock.patch(f"{module}.layer_ops", lambda kernels, x: triton_ops))
+            enter(chosen_layer_ops(triton_ops))
         with mock.patch.object(engine.runner, "run", counted(prefill, engine.runner.run)):
             engine.step()
         with mock.patch.object(decoder, "_forward", counted(decode, decoder._forward)):

@@ -268,35 +268,34 @@ def check_kernels(args, results: dict) -> str:
 
 
 def check_layer_ops(device: str, cases: list) -> None:
-    """kernels/triton_ops.py against the PyTorch code it replaces, at the 1B's shapes (64 rows)."""
+    """kernels/triton_ops.py against the PyTorch code it replaces (the model's and the pool's own, with the
+    layer ops chosen to be plain PyTorch), at the 1B's shapes (64 rows)."""
     import torch.nn.functional as F
 
     from tokensieve.engine.kv_pool import KVPool
-    from tokensieve.kernels import triton_ops
-    from tokensieve.models.rope import RotaryEmbedding, rotate_half
+    from tokensieve.kernels import chosen_layer_ops, triton_ops
+    from tokensieve.models.llama import RMSNorm
+    from tokensieve.models.rope import RotaryEmbedding, apply_rotary
 
     generator = torch.Generator(device=device).manual_seed(0)
     for dtype in TOLERANCE:
         def normal(*shape, scale=1.0):
             return (torch.randn(*shape, generator=generator, device=device) * scale).to(dtype)
 
-        x, weight = normal(64, 2048, scale=3.0), normal(2048, scale=0.2) + 1
+        x, norm = normal(64, 2048, scale=3.0), RMSNorm(2048, 1e-5).to(device=device, dtype=dtype)
+        norm.weight.data = normal(2048, scale=0.2) + 1
         qkv, gate_up = normal(64, 48 * 64, scale=2.0), normal(64, 2 * 8192, scale=4.0)
         qk = qkv[:, : 40 * 64].view(64, 40, 64)
-        cos, sin = RotaryEmbedding(64, 4096, 500000.0, None).to(device)(torch.arange(0, 4096, 64, device=device), dtype)
-        if dtype == torch.float32:
-            norm_reference = F.rms_norm(x, (2048,), weight, 1e-5)
-        else:
-            norm_reference = weight * F.rms_norm(x.float(), (2048,), eps=1e-5).to(dtype)
-        gate, up = gate_up.chunk(2, dim=-1)
-        pairs = {"rms_norm": (triton_ops.rms_norm(x, weight, 1e-5), norm_reference),
-                 "rotary": (triton_ops.rotary(qk, cos, sin), qk * cos + rotate_half(qk) * sin),
-                 "silu_mul": (triton_ops.silu_mul(gate_up), F.silu(gate) * up)}
-        pool = KVPool(4096, 16, 64, dtype, torch.device(device))
-        slots = torch.randperm(4096 * 16, generator=generator, device=device)[: 64 * 8].view(64, 8)
         keys, values = qkv[:, 32 * 64 : 40 * 64].view(64, 8, 64), qkv[:, 40 * 64 :].view(64, 8, 64)
-        pool.keys[slots // 16, :, slots % 16] = keys  # the PyTorch writes KVPool.store makes off the GPU
-        pool.values.view(-1, 64)[slots.view(-1)] = values.reshape(-1, 64)
+        cos, sin = RotaryEmbedding(64, 4096, 500000.0, None).to(device)(torch.arange(0, 4096, 64, device=device), dtype)
+        gate, up = gate_up.chunk(2, dim=-1)
+        slots = torch.randperm(4096 * 16, generator=generator, device=device)[: 64 * 8].view(64, 8)
+        pool = KVPool(4096, 16, 64, dtype, torch.device(device))
+        with chosen_layer_ops(None):
+            pairs = {"rms_norm": (triton_ops.rms_norm(x, norm.weight, 1e-5), norm(x)),
+                     "rotary": (triton_ops.rotary(qk, cos, sin), apply_rotary(qk, cos, sin)),
+                     "silu_mul": (triton_ops.silu_mul(gate_up), F.silu(gate) * up)}
+            pool.store(slots, keys, values)
         key_pool, value_pool = torch.zeros_like(pool.keys), torch.zeros_like(pool.values)
         triton_ops.store_kv(key_pool, value_pool, slots, keys, values)
         pairs["store_kv"] = (torch.cat([key_pool.view(-1), value_pool.view(-1)]), torch.cat([pool.keys.view(-1), pool.values.view(-1)]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -39,9 +40,28 @@ def kernels_take(kernels, x) -> bool:
     return kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+_chosen_layer_ops: tuple | None = None  # (ops,) while chosen_layer_ops holds a choice
+
+
+@contextlib.contextmanager
+def chosen_layer_ops(ops):
+    """Within it, `ops` runs the layer ops, whatever the tensors' device: triton_ops, the native kernels, or
+    None for plain PyTorch. For comparing implementations on one device: the benchmarks that count or
+    check them (benchmarks/scripts/decode_launches.py, gpu_check.py) and the tests."""
+    global _chosen_layer_ops
+    previous, _chosen_layer_ops = _chosen_layer_ops, (ops,)
+    try:
+        yield
+    finally:
+        _chosen_layer_ops = previous
+
+
 def layer_ops(kernels, x: torch.Tensor):
     """What runs the layer ops (rms_norm, rotary, silu_mul, store_kv) on tensor x: the Triton kernels on
-    CUDA, the native `kernels` (when given) for float32 on the CPU, else None (plain PyTorch)."""
+    CUDA, the native `kernels` (when given) for float32 on the CPU, else None (plain PyTorch); inside
+    chosen_layer_ops, its choice."""
+    if _chosen_layer_ops is not None:
+        return _chosen_layer_ops[0]
     if x.is_cuda:
         from . import triton_ops
 
